@@ -1,0 +1,246 @@
+"""``moalign`` command line: train · algorithms · interference · theory · study · report.
+
+User errors (bad config, data, paths) print one line and exit with code 2; ``--debug`` shows the traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from moalign.errors import UserError
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+# ------------------------------------------------------------------------------------------------ train
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if overwrite:
+            import shutil
+
+            shutil.rmtree(run_dir)
+        elif not resume:
+            raise UserError(f"run directory {run_dir} already exists; pass --resume to continue it or --overwrite "
+                            f"to replace it (or choose another run_dir=...)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def resolve_train_config(args):
+    from moalign.config import TrainConfig, build_config, load_yaml
+
+    base = {}
+    if args.resume:
+        cfg_path = Path(args.resume) / "config.yaml"
+        if not cfg_path.is_file():
+            raise UserError(f"--resume {args.resume}: no config.yaml there (is it a moalign run directory?)")
+        base = load_yaml(cfg_path)
+    elif args.config:
+        base = load_yaml(args.config)
+    cfg = build_config(TrainConfig, base, args.overrides)
+    if args.resume:
+        cfg = cfg.model_copy(update={"run_dir": str(args.resume)})
+    if cfg.run_dir is None:
+        cfg = cfg.model_copy(update={"run_dir": f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{cfg.weighting.name}"})
+    return cfg
+
+
+def cmd_train(args) -> int:
+    from moalign.config import dump_config
+
+    cfg = resolve_train_config(args)
+    run_dir = Path(cfg.run_dir)
+    prepare_run_dir(run_dir, bool(args.resume), args.overwrite)
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    if cfg.engine == "trl":
+        from moalign.integrations.trl import train_with_trl
+
+        summary = train_with_trl(cfg, run_dir)
+    else:
+        summary = train_native(cfg, run_dir, resume=bool(args.resume))
+    print_summary(summary, run_dir)
+    return 0
+
+
+def train_native(cfg, run_dir: Path, resume: bool = False) -> dict:
+    from tqdm.auto import tqdm
+
+    from moalign.engine.trainer import Trainer
+
+    console = _console()
+    console.print(f"[bold]moalign train[/]: model={cfg.model.name} weighting={cfg.weighting.name} "
+                  f"estimator={cfg.estimator.name} steps={cfg.steps} → {run_dir}")
+    trainer = Trainer(cfg, run_dir, resume=resume)
+    bar = tqdm(total=cfg.steps, initial=trainer.step_idx, desc="training", unit="step", dynamic_ncols=True,
+               disable=not cfg.log.progress)
+
+    def progress(step, total, record):
+        bar.update(step - bar.n)
+        short = {name: record.get(f"train/{name}/mean") for name in trainer.objective_names}
+        bar.set_postfix({k[:6]: f"{v:.2f}" for k, v in short.items() if v is not None})
+
+    try:
+        summary = trainer.run(progress)
+    finally:
+        bar.close()
+    _write_summary(run_dir, summary)
+    return summary
+
+
+def _write_summary(run_dir: Path, summary: dict) -> None:
+    try:
+        from moalign.diagnostics.interference import interference_summary
+
+        summary["interference"] = interference_summary(run_dir)
+    except (ImportError, UserError) as exc:
+        summary["interference"] = {"error": str(exc)}
+    tmp = run_dir / ".summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2, default=float))
+    os.replace(tmp, run_dir / "summary.json")
+
+
+def print_summary(summary: dict, run_dir: Path) -> None:
+    from rich.table import Table
+
+    console = _console()
+    for split, rows in summary.get("eval", {}).items():
+        table = Table(title=f"held-out {split} split (greedy): per-objective change")
+        for col in ("objective", "start", "end", "change"):
+            table.add_column(col, justify="right" if col != "objective" else "left")
+        for name, r in rows.items():
+            ch = r["change"]
+            color = "green" if ch > 0 else "red" if ch < 0 else "white"
+            table.add_row(name, f"{r['start']:.3f}", f"{r['end']:.3f}", f"[{color}]{ch:+.3f}[/]")
+        console.print(table)
+    w = summary.get("final_weights", {})
+    if w:
+        console.print("final weights: " + ", ".join(f"{k.split('/', 1)[1]}={v:.3f}" for k, v in w.items()))
+    console.print(f"done in {summary.get('wall_seconds', 0):.0f}s; run directory: {run_dir}")
+
+
+# ------------------------------------------------------------------------------------------------ other commands
+
+
+def cmd_algorithms(args) -> int:
+    from rich.table import Table
+
+    from moalign.weighting import WEIGHTINGS
+
+    table = Table(title="moalign weightings", show_lines=True)
+    for col in ("name", "family", "description", "hyperparameters (defaults)", "extra cost per step"):
+        table.add_column(col, overflow="fold")
+    for name, cls in WEIGHTINGS.items():
+        hp = ", ".join(f"{k}={f.default!r}" for k, f in cls.Params.model_fields.items())
+        table.add_row(name, cls.family, cls.description, hp or "-", cls.cost)
+    _console().print(table)
+    return 0
+
+
+def cmd_interference(args) -> int:
+    from moalign.diagnostics.interference import format_interference_table, interference_table
+
+    rows = interference_table([Path(p) for p in args.run_dirs], split=args.split)
+    print(format_interference_table(rows))
+    return 0
+
+
+def cmd_theory(args) -> int:
+    from moalign.theory import lab
+
+    if args.experiment == "covariance-law":
+        rows = lab.covariance_law(instances=args.instances, seed=args.seed)
+    else:
+        rows = lab.pl_study(seed=args.seed)
+    print(lab.format_table(rows))
+    return 0
+
+
+def cmd_study(args) -> int:
+    from moalign.study.runner import run_study
+
+    run_study(args.config, out_dir=args.out, dry_run=args.dry_run, overrides=args.overrides)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from moalign.study.report import write_report
+
+    path = write_report(Path(args.dir), out=args.out)
+    print(f"report: {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moalign", description=__doc__.splitlines()[0])
+    p.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="fine-tune a policy against several objectives",
+                       description="Train with the config defaults, a YAML file and/or key=value overrides, e.g. "
+                                   "`moalign train model=tiny weighting=ctwa weighting.lambda_lr=0.05 steps=3`.")
+    t.add_argument("overrides", nargs="*", help="key=value (dotted keys nest: rollout.group_size=8)")
+    t.add_argument("--config", help="YAML config file")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    t.set_defaults(func=cmd_train)
+
+    a = sub.add_parser("algorithms", help="list the weighting algorithms")
+    a.set_defaults(func=cmd_algorithms)
+
+    i = sub.add_parser("interference", help="interference metrics of one or more runs")
+    i.add_argument("run_dirs", nargs="+")
+    i.add_argument("--split", default=None, choices=["val", "test"])
+    i.set_defaults(func=cmd_interference)
+
+    th = sub.add_parser("theory", help="exact softmax-policy experiments")
+    th.add_argument("experiment", choices=["covariance-law", "pl"])
+    th.add_argument("--instances", type=int, default=50)
+    th.add_argument("--seed", type=int, default=0)
+    th.set_defaults(func=cmd_theory)
+
+    s = sub.add_parser("study", help="run a grid of training runs (a preset name or a YAML file)")
+    s.add_argument("config", help="preset (quick, smol, paper) or YAML file")
+    s.add_argument("overrides", nargs="*")
+    s.add_argument("--out", default=None, help="study directory (default: studies/<name>)")
+    s.add_argument("--dry-run", action="store_true", help="validate the whole grid without loading models")
+    s.set_defaults(func=cmd_study)
+
+    r = sub.add_parser("report", help="HTML + Markdown report of a study or run directory")
+    r.add_argument("dir")
+    r.add_argument("--out", default=None)
+    r.set_defaults(func=cmd_report)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)  # overrides may come after flags: `train --overwrite steps=3`
+    stray = [x for x in extra if x.startswith("-") or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
+    try:
+        return args.func(args)
+    except UserError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:
+        msg = str(exc) or "interrupted"
+        print(f"\n{msg}. Resume with: moalign train --resume <run_dir>", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,275 @@
+"""Typed configuration for every entry point, with YAML files and ``key=value`` overrides.
+
+A run is fully described by one ``TrainConfig``; its resolved form is saved as ``run_dir/config.yaml`` and
+``moalign train --config run_dir/config.yaml`` reproduces the run. Overrides use dotted keys
+(``rollout.group_size=8``); a section that has a ``name`` can be set by name alone (``model=tiny``,
+``weighting=ctwa``, ``estimator=rloo``). Values are parsed as YAML (``[0.1, 0.05]``, ``true``, ``1e-5``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from moalign.data.base import DataConfig
+from moalign.errors import UserError
+from moalign.rl.loss import KL_ESTIMATORS, LOSS_AGG_MODES
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoRAConfig(Section):
+    r: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+class ModelConfig(Section):
+    name: str = Field("smollm2-135m", description="'tiny', 'smollm2-135m' (embedded), a HF hub id or a local path")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    train_last_k_layers: Optional[int] = Field(None, ge=1, description="train only the last k transformer blocks")
+    lora: Optional[LoRAConfig] = None
+    revision: Optional[str] = None
+
+
+class RolloutConfig(Section):
+    prompts_per_step: int = Field(4, ge=1, description="P prompts sampled per step")
+    group_size: int = Field(4, ge=1, description="n completions per prompt (a group)")
+    max_new_tokens: int = Field(128, ge=1)
+    max_prompt_tokens: int = Field(256, ge=1, description="longer prompts are an error (never silently cut)")
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+
+
+class LossConfig(Section):
+    clip_eps_low: float = Field(0.2, gt=0)
+    clip_eps_high: float = Field(0.2, gt=0)
+    dual_clip: Optional[float] = Field(3.0, gt=1, description="dual-clip constant c for A < 0 (None: off)")
+    kl_coef: float = Field(0.001, ge=0, description="KL-to-reference loss coefficient (0 skips the reference)")
+    kl_estimator: str = "k3"
+    loss_agg: str = "token-mean"
+
+    @field_validator("kl_estimator")
+    @classmethod
+    def _kl(cls, v):
+        if v not in KL_ESTIMATORS:
+            raise ValueError(f"must be one of {', '.join(KL_ESTIMATORS)}")
+        return v
+
+    @field_validator("loss_agg")
+    @classmethod
+    def _agg(cls, v):
+        if v not in LOSS_AGG_MODES:
+            raise ValueError(f"must be one of {', '.join(LOSS_AGG_MODES)}")
+        return v
+
+
+class OptimConfig(Section):
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = Field(1.0, gt=0)
+    mini_batches: int = Field(1, ge=1, description="optimizer steps per rollout batch (per PPO epoch)")
+    ppo_epochs: int = Field(1, ge=1)
+    micro_batch_size: int = Field(8, ge=1, description="sequences per forward/backward (gradient accumulation)")
+
+
+class EvalConfig(Section):
+    every: int = Field(0, ge=0, description="evaluate on val every k steps (0: only at start and end)")
+    num_prompts: Optional[int] = Field(16, ge=1, description="evaluation prompts per split (None: whole split)")
+    max_new_tokens: Optional[int] = Field(None, ge=1, description="default: rollout.max_new_tokens")
+    test_at_end: bool = True
+
+
+class NamedSection(BaseModel):
+    """A section chosen by ``name`` whose other keys are that choice's parameters (validated against it)."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class WeightingConfig(NamedSection):
+    name: str = "ctwa"
+
+    @model_validator(mode="after")
+    def _check(self):
+        from moalign.weighting import WEIGHTINGS
+
+        cls = WEIGHTINGS.get(self.name)
+        extra = self.params()
+        unknown = sorted(set(extra) - set(cls.Params.model_fields))
+        if unknown:
+            raise ValueError(f"unknown parameter(s) {', '.join(unknown)} for weighting {self.name!r}; "
+                             f"valid: {', '.join(sorted(cls.Params.model_fields)) or '(none)'}")
+        cls.Params(**extra)
+        return self
+
+
+class EstimatorConfig(NamedSection):
+    name: str = "grpo"
+
+    @model_validator(mode="after")
+    def _check(self):
+        from moalign.rl.estimators import ESTIMATORS
+
+        ESTIMATORS.get(self.name)
+        if self.params():
+            raise ValueError(f"estimator {self.name!r} takes no parameters (got {', '.join(self.params())})")
+        return self
+
+
+class CheckpointConfig(Section):
+    every: int = Field(0, ge=0, description="checkpoint every k steps (0: only at the end and on SIGINT/SIGTERM)")
+    keep: int = Field(2, ge=1)
+
+
+class LogConfig(Section):
+    tensorboard: bool = False
+    wandb: bool = False
+    mlflow: bool = False
+    progress: bool = True
+
+
+class TrainConfig(Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    objectives: list[str] = Field(default_factory=lambda: ["accuracy", "conciseness", "clarity"], min_length=1)
+    weighting: WeightingConfig = Field(default_factory=WeightingConfig)
+    estimator: EstimatorConfig = Field(default_factory=EstimatorConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+    steps: int = Field(8, ge=1)
+    seed: int = 0
+    run_dir: Optional[str] = Field(None, description="default: runs/<timestamp>")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    threads: Optional[int] = Field(None, ge=1, description="torch CPU threads (default: all cores)")
+    engine: Literal["native", "trl"] = "native"
+
+    @field_validator("objectives")
+    @classmethod
+    def _unique(cls, v):
+        if len(set(v)) != len(v):
+            raise ValueError("objectives must be distinct")
+        return v
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def _set_dotted(tree: dict, key: str, value: Any, named_sections: set[str]) -> None:
+    parts = key.split(".")
+    node = tree
+    for p in parts[:-1]:
+        child = node.get(p)
+        if child is None or not isinstance(child, dict):
+            child = {} if child is None or p not in named_sections else {"name": child}
+            node[p] = child
+        node = child
+    last = parts[-1]
+    if len(parts) == 1 and last in named_sections and not isinstance(value, dict):
+        old = node.get(last)
+        same = isinstance(old, dict) and old.get("name") == value
+        node[last] = old if same else {"name": value}  # switching algorithm/model drops the old one's parameters
+    else:
+        node[last] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    out = []
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override {item!r} is not key=value (e.g. steps=3 or weighting.lambda_lr=0.05)")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise UserError(f"override {item!r} has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        out.append((key, value))
+    return out
+
+
+NAMED_SECTIONS = {"model", "weighting", "estimator"}
+
+
+def load_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file {p} not found")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError(f"config file {p} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {p} must hold a mapping of keys (got {type(data).__name__})")
+    return data
+
+
+def build_config(model_cls: type[BaseModel], base: dict | None = None, overrides: list[str] | None = None):
+    tree = dict(base or {})
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(tree, key, value, NAMED_SECTIONS)
+    return validate(model_cls, tree)
+
+
+def validate(model_cls: type[BaseModel], tree: dict):
+    try:
+        return model_cls.model_validate(tree)
+    except ValidationError as exc:
+        raise UserError(format_validation_error(exc, model_cls)) from None
+    except UserError as exc:
+        raise UserError(f"config error: {exc}") from None
+
+
+def _fields_at(model_cls: type[BaseModel], loc: tuple) -> list[str]:
+    cls = model_cls
+    for part in loc[:-1]:
+        f = getattr(cls, "model_fields", {}).get(part)
+        if f is None:
+            return []
+        ann = f.annotation
+        for cand in (ann, *getattr(ann, "__args__", ())):
+            if isinstance(cand, type) and issubclass(cand, BaseModel):
+                cls = cand
+                break
+        else:
+            return []
+    return sorted(getattr(cls, "model_fields", {}))
+
+
+def format_validation_error(exc: ValidationError, model_cls: type[BaseModel]) -> str:
+    msgs = []
+    for err in exc.errors():
+        where = ".".join(str(x) for x in err["loc"]) or "config"
+        if err["type"] == "extra_forbidden":
+            valid = _fields_at(model_cls, tuple(err["loc"]))
+            msgs.append(f"unknown key {where!r}; valid keys here: {', '.join(valid)}")
+        else:
+            got = err.get("input")
+            got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+            msg = err["msg"].removeprefix("Value error, ")
+            msgs.append(f"{where}: {msg}{got_s}")
+    return "config error: " + "; ".join(msgs)
+
+
+def dump_config(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,205 @@
+"""Reading the run directories written by the training engine.
+
+A run directory holds
+
+    metrics.jsonl   one JSON object per line, each with an integer ``step``. Training lines carry
+                    ``train/score/mean`` (the scalarized training score), ``train/<objective>/mean`` and
+                    ``weight/<objective>``; evaluation lines carry ``eval/<split>/<objective>/mean`` and
+                    ``eval/<split>/<objective>/per_prompt`` (one score per evaluation prompt, in the same prompt
+                    order at every evaluation; ``null``/NaN = a prompt whose scoring failed). Other keys are ignored.
+    config.yaml     the resolved config (``objectives``: list of names, ``seed``, ...)
+    summary.json    written by the engine (not read here)
+
+Lines that share a step are merged, later keys winning: an evaluation may be logged on its own line, and a resumed
+run logs again the steps after its checkpoint. A torn last line (a run still writing, or killed mid-write) is skipped;
+an unparseable line anywhere else is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import yaml
+
+from moalign.errors import UserError
+
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.yaml"
+SPLITS = ("val", "test")
+TRAIN_SCORE_KEY = "train/score/mean"
+# Config keys that differ between the seeds of one configuration and so are left out when grouping runs.
+RUN_SPECIFIC_CONFIG_KEYS = ("seed", "output_dir", "run_dir", "run_name")
+
+
+def eval_key(split: str, objective: str, field: str) -> str:
+    return f"eval/{split}/{objective}/{field}"
+
+
+@dataclass(frozen=True)
+class Evaluations:
+    """One split's held-out results: ``per_prompt[objective][t, i]`` is prompt i's score at evaluation ``steps[t]``."""
+
+    split: str
+    steps: np.ndarray  # [T] int, increasing
+    per_prompt: dict[str, np.ndarray]  # objective -> [T, N] float, NaN = missing
+
+
+@dataclass(frozen=True)
+class Run:
+    path: Path
+    config: dict[str, Any]
+    objectives: list[str]
+    train_score: np.ndarray  # [n] train/score/mean at every logged training step, in step order
+    evaluations: dict[str, Evaluations]  # split -> its evaluations; only splits that were evaluated
+
+    @property
+    def seed(self) -> Optional[int]:
+        return self.config.get("seed")
+
+    def evaluations_for(self, split: str) -> Evaluations:
+        """The split's evaluations; a start and an end are needed to measure a change."""
+        if split not in self.evaluations:
+            available = ", ".join(self.evaluations) or "none"
+            raise UserError(f"run {self.path} has no {split!r} evaluations (evaluated splits: {available}); "
+                            f"choose another split")
+        evaluations = self.evaluations[split]
+        if len(evaluations.steps) < 2:
+            raise UserError(f"run {self.path} has one {split!r} evaluation (step {evaluations.steps[0]}); measuring "
+                            f"a change needs at least two (evaluate at the start and the end of training)")
+        return evaluations
+
+    def evaluated_at_start_and_end(self, split: str) -> bool:
+        """Whether ``split`` was evaluated at the run's first and last evaluation steps (over all splits)."""
+        if split not in self.evaluations or len(self.evaluations[split].steps) < 2:
+            return False
+        all_steps = np.concatenate([e.steps for e in self.evaluations.values()])
+        steps = self.evaluations[split].steps
+        return steps[0] == all_steps.min() and steps[-1] == all_steps.max()
+
+    def grouping_key(self) -> str:
+        """Equal for runs whose configs differ only in run-specific keys (seed, output directory)."""
+        if not self.config:  # without a config nothing says two runs share a configuration
+            return str(self.path.resolve())
+        shared = {k: v for k, v in self.config.items() if k not in RUN_SPECIFIC_CONFIG_KEYS}
+        return json.dumps(shared, sort_keys=True, default=str)
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl, one per step (lines of one step merged, later keys winning), by step."""
+    lines = [(number, line) for number, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    by_step: dict[int, dict[str, Any]] = {}
+    for position, (number, line) in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if position == len(lines) - 1:  # torn final write
+                continue
+            raise UserError(f"{path}:{number} is not valid JSON; the metrics file is corrupt (only the last line "
+                            f"may be incomplete)") from None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise UserError(f"{path}:{number} has no integer 'step'; every metrics line needs one")
+        by_step.setdefault(record["step"], {}).update(record)
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def load_run(run_dir: Path | str) -> Run:
+    run_dir = Path(run_dir)
+    metrics_path = run_dir / METRICS_FILE
+    if not metrics_path.is_file():
+        raise UserError(f"{run_dir} is not a run directory: it has no {METRICS_FILE}; pass the directory a "
+                        f"training run wrote")
+    records = read_metrics(metrics_path)
+    config = _read_config(run_dir / CONFIG_FILE)
+    objectives = _objective_names(config, records, run_dir)
+    evaluations = {split: e for split in SPLITS if (e := _evaluations(records, objectives, split, run_dir))}
+    if not evaluations:
+        raise UserError(f"run {run_dir} has no evaluation lines (no eval/<split>/<objective>/per_prompt in "
+                        f"{METRICS_FILE}); train with periodic evaluation enabled")
+    train_score = np.array([r[TRAIN_SCORE_KEY] for r in records if TRAIN_SCORE_KEY in r], dtype=float)
+    return Run(run_dir, config, objectives, train_score, evaluations)
+
+
+def choose_split(runs: Sequence[Run], split: Optional[str] = None) -> str:
+    """``split`` if given; otherwise test when every run evaluated test at its start and end, else val."""
+    if split is None:
+        split = "test" if all(run.evaluated_at_start_and_end("test") for run in runs) else "val"
+    if split not in SPLITS:
+        raise UserError(f"unknown evaluation split {split!r}; valid: {', '.join(SPLITS)}")
+    for run in runs:
+        run.evaluations_for(split)  # raises when a run cannot be measured on this split
+    return split
+
+
+def group_by_config(runs: Sequence[Run]) -> list[list[Run]]:
+    """Runs that share a configuration apart from the seed, in order of first appearance."""
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(run.grouping_key(), []).append(run)
+    return list(groups.values())
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise UserError(f"{path} is not valid YAML ({error.__class__.__name__}); restore the resolved config") from None
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise UserError(f"{path} must hold a mapping of config keys, got {type(config).__name__}")
+    return config
+
+
+def _objective_names(config: dict[str, Any], records: list[dict[str, Any]], run_dir: Path) -> list[str]:
+    """The config's objectives (names, or mappings with a ``name``); without a config, those seen in evaluations."""
+    if "objectives" in config:
+        entries = config["objectives"]
+        names = [e["name"] if isinstance(e, dict) and "name" in e else e for e in entries or []]
+        if not names or not all(isinstance(n, str) for n in names):
+            raise UserError(f"{run_dir / CONFIG_FILE}: 'objectives' must be a non-empty list of objective names")
+        return names
+    seen = {key.split("/")[2] for record in records for key in record
+            if key.startswith("eval/") and key.endswith("/per_prompt") and key.count("/") == 3}
+    return sorted(seen)
+
+
+def _evaluations(records: list[dict[str, Any]], objectives: list[str], split: str,
+                 run_dir: Path) -> Optional[Evaluations]:
+    """The split's evaluations, or None when it was never evaluated. Every evaluation must score every objective."""
+    evaluated = [r for r in records
+                 if any(eval_key(split, o, f) in r for o in objectives for f in ("per_prompt", "mean"))]
+    if not evaluated:
+        return None
+    per_prompt = {}
+    for objective in objectives:
+        key = eval_key(split, objective, "per_prompt")
+        rows = []
+        for record in evaluated:
+            if key not in record:
+                raise UserError(f"run {run_dir}: the {split} evaluation at step {record['step']} has no {key!r}; "
+                                f"every evaluation must score every objective of the run "
+                                f"({', '.join(objectives)})")
+            rows.append(_scores(record[key], f"{run_dir}: {key} at step {record['step']}"))
+        if len({len(row) for row in rows}) != 1 or len(rows[0]) == 0:
+            raise UserError(f"run {run_dir}: {key} has {sorted({len(r) for r in rows})} prompts across evaluations; "
+                            f"every evaluation must score the same non-empty prompt set in the same order")
+        per_prompt[objective] = np.array(rows, dtype=float)
+    steps = np.array([r["step"] for r in evaluated], dtype=int)
+    return Evaluations(split, steps, per_prompt)
+
+
+def _scores(values: Any, where: str) -> list[float]:
+    """A per-prompt list as floats; ``null`` becomes NaN (missing)."""
+    if not isinstance(values, list):
+        raise UserError(f"{where} must be a list of per-prompt scores, got {type(values).__name__}")
+    try:
+        return [math.nan if v is None else float(v) for v in values]
+    except (TypeError, ValueError):
+        raise UserError(f"{where} must hold numbers (or null for a missing score)") from None

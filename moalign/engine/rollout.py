@@ -1,0 +1,130 @@
+"""Sampling completions and computing per-token log-probs of responses.
+
+Layout of a batch: prompts are left-padded to ``Tp`` tokens, responses right-padded to ``Tr``; the model sees
+``[prompt | response]`` with position ids ``cumsum(mask) − 1`` (as ``generate`` uses), so log-probs computed here
+match the sampler's. The response mask is 1 on generated tokens up to and including the first EOS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Rollout:
+    prompt_ids: torch.Tensor  # [B, Tp] left-padded
+    prompt_mask: torch.Tensor  # [B, Tp]
+    response_ids: torch.Tensor  # [B, Tr] right-padded
+    response_mask: torch.Tensor  # [B, Tr] float, 1 through the first EOS
+    texts: list[str]
+    group_ids: torch.Tensor  # [B] long
+    example_index: list[int]  # index of each sample's example in the split
+    truncated: torch.Tensor  # [B] bool: no EOS within the token budget
+    sampler_logprobs: torch.Tensor | None = field(default=None)  # [B, Tr] if the sampler returns them
+
+    def __len__(self) -> int:
+        return self.response_ids.shape[0]
+
+    @property
+    def num_tokens(self) -> list[int]:
+        """Response length in tokens, EOS excluded (what conciseness compares)."""
+        lengths = self.response_mask.sum(-1) - (~self.truncated).float()
+        return [int(x) for x in lengths.clamp(min=0)]
+
+    def select(self, idx: torch.Tensor) -> "Rollout":
+        sl = lambda t: None if t is None else t[idx]  # noqa: E731
+        ids = idx.tolist()
+        return Rollout(self.prompt_ids[idx], self.prompt_mask[idx], self.response_ids[idx], self.response_mask[idx],
+                       [self.texts[i] for i in ids], self.group_ids[idx], [self.example_index[i] for i in ids],
+                       self.truncated[idx], sl(self.sampler_logprobs))
+
+
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+def response_mask_from_ids(response_ids: torch.Tensor, eos_ids: set[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask through the first EOS (inclusive) and whether each row was truncated (no EOS)."""
+    is_eos = torch.zeros_like(response_ids, dtype=torch.bool)
+    for e in eos_ids:
+        is_eos |= response_ids == e
+    seen_before = (is_eos.cumsum(-1) - is_eos.long()) > 0
+    mask = (~seen_before).float()
+    truncated = ~is_eos.any(-1)
+    return mask, truncated
+
+
+def eos_token_ids(model, tokenizer) -> set[int]:
+    ids = set()
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for e in (gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos]) + [tokenizer.eos_token_id]:
+        if e is not None:
+            ids.add(int(e))
+    return ids
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt_token_ids: list[list[int]], example_index: list[int], group_ids: list[int],
+             max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
+             batch_size: int | None = None) -> Rollout:
+    """Sample one completion per entry of ``prompt_token_ids`` (repeat a prompt n times for a group)."""
+    device = next(model.parameters()).device
+    eos = eos_token_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id
+    prompt_ids, prompt_mask = left_pad(prompt_token_ids, pad_id)
+    chunks = []
+    bs = batch_size or len(prompt_token_ids)
+    for start in range(0, len(prompt_token_ids), bs):
+        ids = prompt_ids[start:start + bs].to(device)
+        am = prompt_mask[start:start + bs].to(device)
+        kwargs = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=top_p,
+                                                           top_k=0)
+        out = model.generate(input_ids=ids, attention_mask=am, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
+                             eos_token_id=sorted(eos), **kwargs)
+        chunks.append(out[:, ids.shape[1]:].cpu())
+    width = max(c.shape[1] for c in chunks)
+    response_ids = torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1]), value=pad_id) for c in chunks])
+    mask, truncated = response_mask_from_ids(response_ids, eos)
+    response_ids = torch.where(mask.bool(), response_ids, torch.full_like(response_ids, pad_id))
+    texts = tokenizer.batch_decode([r[m.bool()] for r, m in zip(response_ids, mask)], skip_special_tokens=True)
+    return Rollout(prompt_ids, prompt_mask, response_ids, mask, texts, torch.tensor(group_ids, dtype=torch.long),
+                   list(example_index), truncated)
+
+
+def response_logprobs(model, rollout: Rollout, micro_batch_size: int, temperature: float = 1.0,
+                      grad: bool = False) -> torch.Tensor:
+    """log π(response token | prefix) for every response position, [B, Tr] (0 where masked out).
+
+    Only the response positions go through the LM head (``logits_to_keep``), one micro-batch at a time, so the
+    full-vocabulary logits of the whole batch never exist at once."""
+    outs = []
+    for start in range(0, len(rollout), micro_batch_size):
+        sl = slice(start, start + micro_batch_size)
+        outs.append(micro_batch_logprobs(model, rollout.prompt_ids[sl], rollout.prompt_mask[sl],
+                                         rollout.response_ids[sl], rollout.response_mask[sl], temperature, grad))
+    return torch.cat(outs)
+
+
+def micro_batch_logprobs(model, prompt_ids, prompt_mask, response_ids, response_mask, temperature=1.0, grad=False):
+    device = next(model.parameters()).device
+    tr = response_ids.shape[1]
+    input_ids = torch.cat([prompt_ids, response_ids], 1).to(device)
+    attn = torch.cat([prompt_mask, response_mask.long()], 1).to(device)
+    position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
+    with torch.set_grad_enabled(grad):
+        logits = model(input_ids=input_ids, attention_mask=attn, position_ids=position_ids,
+                       logits_to_keep=tr + 1, use_cache=False).logits[:, :-1].float()
+        if temperature != 1.0:
+            logits = logits / temperature
+        targets = response_ids.to(device)
+        lp = logits.gather(-1, targets[..., None]).squeeze(-1) - torch.logsumexp(logits, -1)
+    return lp * response_mask.to(device)

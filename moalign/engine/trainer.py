@@ -1,0 +1,509 @@
+"""The native training loop: group-sampled policy-gradient RL against several objectives.
+
+One step, top to bottom (``Trainer.step``):
+
+    prompts → sample n completions each → score every objective → old / reference log-probs
+    → weighting: rewards [B, M] → advantages [B]    (gradient-level: per-objective gradients combined)
+    → clipped surrogate + KL, mini-batches × PPO epochs, AdamW with grad-norm clipping
+    → weighting.update(post-update statistics) → one metrics line → checkpoint / evaluation when due
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import random
+import signal
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from moalign.config import TrainConfig, dump_config
+from moalign.data import Example, load_data
+from moalign.engine import checkpoint as ckpt
+from moalign.engine.metrics import MetricsWriter
+from moalign.engine.rollout import Rollout, generate, micro_batch_logprobs, response_logprobs
+from moalign.errors import UserError
+from moalign.models import load_model, prepare_trainable
+from moalign.objectives import ScoringBatch, load_objective
+from moalign.rl.estimators import get_estimator
+from moalign.rl.loss import aggregate, kl_penalty, policy_loss
+from moalign.weighting import StepStats, make_weighting
+from moalign.weighting.base import per_objective_advantages
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device={name} but CUDA is not available here; use device=cpu")
+    return torch.device(name)
+
+
+class PromptStream:
+    """Seeded, resumable order over training examples: a fresh permutation every epoch."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch, self.pos = n, seed, 0, 0
+        self._perm = self._permutation()
+
+    def _permutation(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def take(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            if self.pos >= self.n:
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._perm = self._permutation()
+            out.append(self._perm[self.pos])
+            self.pos += 1
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.pos = state["epoch"], state["pos"]
+        self._perm = self._permutation()
+
+
+@dataclass
+class Scored:
+    rewards: torch.Tensor  # [B, M], NaN = missing
+    errors: list[str]
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, run_dir: Path, resume: bool = False,
+                 callbacks: list[Callable[[dict], None]] | None = None):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.callbacks = callbacks or []
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        seed_everything(cfg.seed)
+        self.device = resolve_device(cfg.device)
+
+        self.splits: dict[str, list[Example]] = dict(load_data(cfg.data).items())
+        if not self.splits["train"]:
+            raise UserError("the training split is empty; check data.path / data.num_train")
+        self.objectives = [load_objective(spec) for spec in cfg.objectives]
+        self.objective_names = [o.name for o in self.objectives]
+        self.weighting = make_weighting(cfg.weighting.name, self.objective_names, **cfg.weighting.params())
+        self.estimator = get_estimator(cfg.estimator.name)
+
+        model, self.tokenizer = load_model(cfg.model)
+        self.prompt_tokens = {name: self._encode(name, exs) for name, exs in self.splits.items()}
+        self.reference = None
+        if cfg.loss.kl_coef > 0 and cfg.model.lora is None:
+            self.reference = copy.deepcopy(model).eval().requires_grad_(False).to(self.device)
+        self.model = prepare_trainable(model, cfg.model).to(self.device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        if not self.params:
+            raise UserError("no trainable parameters (check model.train_last_k_layers / model.lora)")
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas)
+        self.stream = PromptStream(len(self.splits["train"]), cfg.seed)
+        self.step_idx = 0
+        self.skipped_steps = 0
+        self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", cfg.log.tensorboard, cfg.log.wandb,
+                                     cfg.log.mlflow, run_name=self.run_dir.name, config=cfg.model_dump(mode="json"))
+        self.eval_history: list[dict[str, Any]] = []
+        self._stop_signal: int | None = None
+        if resume:
+            self._resume()
+
+    # ------------------------------------------------------------------------------------------ data
+
+    def _encode(self, split: str, examples: list[Example]) -> list[list[int]]:
+        out, limit = [], self.cfg.rollout.max_prompt_tokens
+        for i, ex in enumerate(examples):
+            text = self.tokenizer.apply_chat_template([{"role": "user", "content": ex.prompt}], tokenize=False,
+                                                      add_generation_prompt=True)
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(ids) > limit:
+                raise UserError(f"{split} prompt {i} (id {ex.id}) has {len(ids)} tokens > rollout.max_prompt_tokens="
+                                f"{limit}; raise rollout.max_prompt_tokens or drop long prompts")
+            out.append(ids)
+        return out
+
+    def score(self, rollout: Rollout, split: str, observe: bool) -> Scored:
+        examples = self.splits[split]
+        batch = ScoringBatch.from_lists([examples[i].prompt for i in rollout.example_index], rollout.texts,
+                                        [examples[i].answer for i in rollout.example_index], rollout.num_tokens)
+        cols, errors = [], []
+        for obj in self.objectives:
+            if observe:
+                obj.observe(batch)
+            res = obj.score(batch)
+            cols.append(res.values)
+            errors.extend(res.errors)
+        return Scored(torch.stack(cols, 1), errors)
+
+    # ------------------------------------------------------------------------------------------ one step
+
+    def step(self) -> dict[str, Any]:
+        cfg, r = self.cfg, self.cfg.rollout
+        timer = PhaseTimer()
+        self.model.eval()
+        with timer("sample"):
+            idx = self.stream.take(r.prompts_per_step)
+            prompts = [self.prompt_tokens["train"][i] for i in idx for _ in range(r.group_size)]
+            rollout = generate(self.model, self.tokenizer, prompts, [i for i in idx for _ in range(r.group_size)],
+                               [g for g in range(len(idx)) for _ in range(r.group_size)], r.max_new_tokens,
+                               r.temperature, r.top_p)
+        with timer("score"):
+            scored = self.score(rollout, "train", observe=True)
+        if self.step_idx == 0:
+            # The start evaluation runs here, after the first training batch was observed and before any update:
+            # the policy is still the initial one, and batch-relative objectives (conciseness's running mean
+            # length) have their first statistic instead of the degenerate "everything is short" start.
+            self._evaluate_start()
+        mb = cfg.optim.micro_batch_size
+        with timer("old_logprobs"):
+            old_lp = response_logprobs(self.model, rollout, mb, r.temperature).cpu()
+        ref_lp = None
+        if cfg.loss.kl_coef > 0:
+            with timer("ref_logprobs"):
+                ref_lp = self._reference_logprobs(rollout)
+        mask = rollout.response_mask
+        w = self.weighting
+        with timer("advantages"):
+            if w.family == "gradient":
+                per_obj = per_objective_advantages(scored.rewards, rollout.group_ids, self.estimator, mask)
+                advantages = per_obj @ w.weights.to(per_obj.dtype)
+            else:
+                per_obj = None
+                advantages = w.advantages(scored.rewards, rollout.group_ids, self.estimator, mask)
+            scores = (w.scalarize(scored.rewards, rollout.group_ids) if w.family == "reward"
+                      else torch.nan_to_num(scored.rewards) @ w.weights)
+        stats = StepStats(self.step_idx, scored.rewards, rollout.group_ids, scores, advantages.float(), mask, old_lp,
+                          None, cfg.loss.clip_eps_low, cfg.loss.clip_eps_high)
+        with timer("update"):
+            upd = self._update(rollout, old_lp, ref_lp, advantages.float(), per_obj, stats)
+        if w.needs_post_update_logprobs:
+            with timer("post_logprobs"):
+                self.model.eval()
+                stats.new_logprobs = response_logprobs(self.model, rollout, mb, r.temperature).cpu()
+        with timer("weighting"):
+            wmetrics = w.update(stats)
+        self.step_idx += 1
+        record = {"step": self.step_idx}
+        record.update(self._reward_metrics(scored, scores, rollout))
+        record.update(upd)
+        record.update(w.metrics())
+        record.update(wmetrics)
+        n_tok = float(mask.sum())
+        record.update(timer.metrics())
+        record["perf/sample_tokens_per_s"] = n_tok / max(timer.seconds["sample"], 1e-9)
+        record["perf/step_s"] = sum(timer.seconds.values())
+        return record
+
+    def _reference_logprobs(self, rollout: Rollout) -> torch.Tensor:
+        mb, t = self.cfg.optim.micro_batch_size, self.cfg.rollout.temperature
+        if self.reference is not None:
+            return response_logprobs(self.reference, rollout, mb, t).cpu()
+        with self.model.disable_adapter():  # LoRA: the reference is the base model without adapters
+            return response_logprobs(self.model, rollout, mb, t).cpu()
+
+    def _reward_metrics(self, scored: Scored, scores: torch.Tensor, rollout: Rollout) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for j, name in enumerate(self.objective_names):
+            col = scored.rewards[:, j]
+            ok = ~torch.isnan(col)
+            out[f"train/{name}/mean"] = float(col[ok].mean()) if ok.any() else float("nan")
+            out[f"train/{name}/missing"] = int((~ok).sum())
+        out["train/score/mean"] = float(scores.mean())
+        out["train/missing_rewards"] = int(torch.isnan(scored.rewards).sum())
+        lengths = torch.tensor(rollout.num_tokens, dtype=torch.float32)
+        out["train/length/mean"] = float(lengths.mean())
+        out["train/truncated_fraction"] = float(rollout.truncated.float().mean())
+        if scored.errors:
+            out["train/first_reward_error"] = scored.errors[0][:200]
+        return out
+
+    # ------------------------------------------------------------------------------------------ policy update
+
+    def _update(self, rollout, old_lp, ref_lp, advantages, per_obj, stats) -> dict[str, Any]:
+        cfg = self.cfg
+        o, lc = cfg.optim, cfg.loss
+        self.model.train()
+        B = len(rollout)
+        gen = torch.Generator().manual_seed(cfg.seed * 7919 + self.step_idx)
+        sums: dict[str, float] = {}
+        n_updates = 0
+        for _ in range(o.ppo_epochs):
+            perm = torch.randperm(B, generator=gen)
+            for mini in perm.chunk(o.mini_batches):
+                part = self._mini_batch_gradients(rollout.select(mini), old_lp[mini],
+                                                  None if ref_lp is None else ref_lp[mini], advantages[mini],
+                                                  None if per_obj is None else per_obj[mini], stats)
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, o.grad_clip)
+                if torch.isfinite(grad_norm):
+                    self.optimizer.step()
+                else:  # a non-finite gradient would poison the weights: skip this optimizer step
+                    self.skipped_steps += 1
+                self.optimizer.zero_grad(set_to_none=True)
+                part["grad_norm"] = float(grad_norm)
+                for k, v in part.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                n_updates += 1
+        out = {f"loss/{k}" if not k.startswith(("clip", "grad")) else f"actor/{k}": v / n_updates
+               for k, v in sums.items()}
+        out["actor/skipped_steps"] = self.skipped_steps
+        return out
+
+    def _mini_batch_gradients(self, mini: Rollout, old_lp, ref_lp, adv, per_obj, stats) -> dict[str, float]:
+        """Accumulate the mini-batch's gradient into ``.grad`` (micro-batch by micro-batch)."""
+        lc, mb = self.cfg.loss, self.cfg.optim.micro_batch_size
+        n_tok = float(mini.response_mask.sum().clamp(min=1))
+        n_seq = float(len(mini))
+        norm_len = self.cfg.rollout.max_new_tokens
+        agg = dict(mode=lc.loss_agg, norm_len=norm_len, num_tokens=n_tok, num_seqs=n_seq)
+        gradient_level = per_obj is not None
+        obj_grads = None
+        logs = {"policy": 0.0, "kl": 0.0, "clipfrac": 0.0, "clipfrac_lower": 0.0}
+        for start in range(0, len(mini), mb):
+            sl = slice(start, start + mb)
+            m = mini.response_mask[sl].to(self.device)
+            lp = micro_batch_logprobs(self.model, mini.prompt_ids[sl], mini.prompt_mask[sl], mini.response_ids[sl],
+                                      mini.response_mask[sl], self.cfg.rollout.temperature, grad=True)
+            old = old_lp[sl].to(self.device)
+            frac = float(m.sum()) / n_tok
+            kl = torch.zeros((), device=self.device)
+            if ref_lp is not None:
+                kl = aggregate(kl_penalty(lp, ref_lp[sl].to(self.device), lc.kl_estimator), m, "token-mean",
+                               num_tokens=n_tok)
+            pl = policy_loss(lp, old, adv[sl].to(self.device), m, lc.clip_eps_low, lc.clip_eps_high, lc.dual_clip)
+            pg = aggregate(pl.per_token, m, **agg)
+            if gradient_level:
+                obj_grads = self._accumulate_objective_grads(obj_grads, lp, old, per_obj[sl], m, agg)
+                (lc.kl_coef * kl).backward() if kl.requires_grad else None
+            else:
+                (pg + lc.kl_coef * kl).backward()
+            logs["policy"] += float(pg.detach())
+            logs["kl"] += float(kl.detach())
+            logs["clipfrac"] += float(pl.clipfrac) * frac
+            logs["clipfrac_lower"] += float(pl.clipfrac_lower) * frac
+        if gradient_level:
+            self._write_combined_direction(obj_grads, stats)
+        logs["total"] = logs["policy"] + lc.kl_coef * logs["kl"]
+        return logs
+
+    # gradient-level weightings: per-objective gradients G [M, P] over the trainable parameters, combined by the
+    # weighting into one direction that is added to ``.grad`` (which already holds the KL gradient).
+
+    def _accumulate_objective_grads(self, acc, lp, old, per_obj_adv, m, agg):
+        lc = self.cfg.loss
+        M = per_obj_adv.shape[1]
+        rows = []
+        for j in range(M):
+            pl = policy_loss(lp, old, per_obj_adv[:, j].float().to(self.device), m, lc.clip_eps_low,
+                             lc.clip_eps_high, lc.dual_clip)
+            loss_j = aggregate(pl.per_token, m, **agg)
+            grads = torch.autograd.grad(loss_j, self.params, retain_graph=True, allow_unused=True)
+            rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
+                                   for g, p in zip(grads, self.params)]))
+        g = torch.stack(rows)
+        return g if acc is None else acc + g
+
+    def _write_combined_direction(self, obj_grads: torch.Tensor, stats: StepStats) -> None:
+        # objectives' losses are minimized, so the ascent directions are −G; weightings work on ascent gradients.
+        direction = -self.weighting.combine(-obj_grads.double().cpu(), stats).to(obj_grads.dtype)
+        if not torch.isfinite(direction).all():
+            direction = torch.zeros_like(direction)
+        offset = 0
+        for p in self.params:
+            n = p.numel()
+            d = direction[offset:offset + n].view_as(p).to(p.device, p.dtype)
+            p.grad = d if p.grad is None else p.grad + d
+            offset += n
+
+    # ------------------------------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def evaluate(self, split: str) -> dict[str, Any]:
+        cfg = self.cfg
+        n = len(self.splits[split]) if cfg.eval.num_prompts is None else min(cfg.eval.num_prompts,
+                                                                              len(self.splits[split]))
+        if n == 0:
+            return {}
+        self.model.eval()
+        t0 = time.perf_counter()
+        rollout = generate(self.model, self.tokenizer, self.prompt_tokens[split][:n], list(range(n)), list(range(n)),
+                           cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens, greedy=True,
+                           batch_size=max(cfg.optim.micro_batch_size, 16))
+        scored = self.score(rollout, split, observe=False)
+        out: dict[str, Any] = {}
+        for j, name in enumerate(self.objective_names):
+            col = scored.rewards[:, j]
+            ok = ~torch.isnan(col)
+            out[f"eval/{split}/{name}/mean"] = float(col[ok].mean()) if ok.any() else float("nan")
+            out[f"eval/{split}/{name}/per_prompt"] = [None if math.isnan(v) else v for v in col.tolist()]
+            out[f"eval/{split}/{name}/missing"] = int((~ok).sum())
+        out[f"eval/{split}/length/mean"] = float(np.mean(rollout.num_tokens))
+        out[f"eval/{split}/seconds"] = time.perf_counter() - t0
+        out[f"eval/{split}/sample_text"] = rollout.texts[0][:500]
+        return out
+
+    # ------------------------------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        trainable = {k: v.detach().cpu().clone() for k, v in self.model.named_parameters() if v.requires_grad}
+        return {"step": self.step_idx, "trainable": trainable, "optimizer": self.optimizer.state_dict(),
+                "weighting": self.weighting.state_dict(),
+                "objectives": {o.name: o.state_dict() for o in self.objectives},
+                "stream": self.stream.state_dict(), "rng": ckpt.rng_state(), "skipped_steps": self.skipped_steps,
+                "metrics_offset": self.metrics.offset(), "eval_history": self.eval_history}
+
+    def save_checkpoint(self) -> Path:
+        return ckpt.save_checkpoint(self.run_dir, self.step_idx, self.state_dict(), self.cfg.checkpoint.keep)
+
+    def _resume(self) -> None:
+        path = ckpt.latest_checkpoint(self.run_dir)
+        if path is None:
+            return  # nothing saved yet: the run starts over (its metrics file is reset in run())
+        state = ckpt.load_checkpoint(path)
+        named = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for k, v in state["trainable"].items():
+                named[k].copy_(v)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.weighting.load_state_dict(state["weighting"])
+        for o in self.objectives:
+            o.load_state_dict(state["objectives"].get(o.name, {}))
+        self.stream.load_state_dict(state["stream"])
+        ckpt.set_rng_state(state["rng"])
+        self.step_idx = state["step"]
+        self.skipped_steps = state["skipped_steps"]
+        self.eval_history = state["eval_history"]
+        self.metrics.truncate(state["metrics_offset"])
+        self._resumed_from = path
+
+    # ------------------------------------------------------------------------------------------ the run
+
+    @contextmanager
+    def _graceful_signals(self):
+        def handler(signum, frame):
+            self._stop_signal = signum
+
+        previous = {}
+        in_main = hasattr(signal, "SIGTERM")
+        try:
+            for s in (signal.SIGINT, signal.SIGTERM):
+                previous[s] = signal.signal(s, handler)
+        except ValueError:  # not the main thread
+            in_main = False
+        try:
+            yield
+        finally:
+            if in_main:
+                for s, h in previous.items():
+                    signal.signal(s, h)
+
+    def run(self, progress: Callable[[int, int, dict], None] | None = None) -> dict[str, Any]:
+        cfg = self.cfg
+        t_start = time.perf_counter()
+        if self.step_idx == 0:
+            self.metrics.truncate(0)
+        with self._graceful_signals():
+            while self.step_idx < cfg.steps:
+                record = self.step()
+                due_eval = cfg.eval.every and self.step_idx % cfg.eval.every == 0 and self.step_idx < cfg.steps
+                if due_eval:
+                    ev = self.evaluate("val")
+                    record.update(ev)
+                    self.eval_history.append({"step": self.step_idx, **ev})
+                self._log(record)
+                if progress:
+                    progress(self.step_idx, cfg.steps, record)
+                if cfg.checkpoint.every and self.step_idx % cfg.checkpoint.every == 0:
+                    self.save_checkpoint()
+                if self._stop_signal is not None:
+                    path = self.save_checkpoint()
+                    raise KeyboardInterrupt(f"stopped by signal {self._stop_signal} after step {self.step_idx}; "
+                                            f"checkpoint {path.name}")
+        end = {"step": self.step_idx}
+        end.update(self.evaluate("val"))
+        if cfg.eval.test_at_end:
+            end.update(self.evaluate("test"))
+        self._log(end)
+        self.eval_history.append(end)
+        self.save_checkpoint()
+        self.export_model()
+        self.metrics.close()
+        return self.summary(time.perf_counter() - t_start)
+
+    def _evaluate_start(self) -> None:
+        record = {"step": 0, **self.evaluate("val")}
+        if self.cfg.eval.test_at_end:
+            record.update(self.evaluate("test"))
+        self._log(record)
+        self.eval_history = [record]
+
+    def _log(self, record: dict[str, Any]) -> None:
+        self.metrics.write(record)
+        for cb in self.callbacks:
+            cb(record)
+
+    def export_model(self) -> None:
+        model = self.model.merge_and_unload() if self.cfg.model.lora is not None else self.model
+        out = self.run_dir / "model"
+        tmp = self.run_dir / ".model.tmp"
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp)
+        model.save_pretrained(tmp)
+        self.tokenizer.save_pretrained(tmp)
+        if out.exists():
+            import shutil
+
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+
+    def summary(self, wall_s: float) -> dict[str, Any]:
+        first, last = self.eval_history[0], self.eval_history[-1]
+        table = {}
+        for split in ("val", "test"):
+            rows = {}
+            for name in self.objective_names:
+                key = f"eval/{split}/{name}/mean"
+                if key in first and key in last:
+                    rows[name] = {"start": first[key], "end": last[key], "change": last[key] - first[key]}
+            if rows:
+                table[split] = rows
+        return {"steps": self.step_idx, "wall_seconds": wall_s, "objectives": self.objective_names,
+                "weighting": self.cfg.weighting.name, "final_weights": self.weighting.metrics(),
+                "eval": table, "skipped_steps": self.skipped_steps}
+
+
+class PhaseTimer:
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+    def metrics(self) -> dict[str, float]:
+        return {f"time/{k}_s": v for k, v in self.seconds.items()}
+

@@ -1,0 +1,421 @@
+"""What a study's runs show, as numbers and plain sentences: the data behind ``moalign report``.
+
+Inputs are run directories as the engine writes them (``metrics.jsonl``, ``config.yaml``, ``summary.json``); a study
+directory holds them under ``runs/``. Every number here is computed from those files:
+
+* tidy results: one row per run × split × evaluation step × objective, the mean score over the evaluation prompts;
+* per configuration (runs that differ only in their seed): per-objective change with a 95% interval, degradation
+  flags, training-score gain, interference and hypervolume (``moalign.diagnostics.interference``), on the validation
+  split and, when every run evaluated it at its start and end, the test split;
+* interference rate: the fraction of runs (each seed counted once) that interfere;
+* cost: mean seconds per training step (``perf/step_s``) and per phase (``time/<phase>_s``), and any logged
+  ``perf/*pass*`` counter;
+* covariance-law agreement, when runs log ``law/cov/<objective>`` (the law's predicted first-order change of objective
+  j at step t, Cov(r_j, w)): the fraction of steps where its sign matches the sign of the observed change of the
+  training mean, ``train/<j>/mean`` at step t+1 minus at step t (steps where either is 0 are left out);
+* Pareto front of the final points (mean over seeds) and its hypervolume with the mean start point as reference.
+
+Selection uses the validation split, reported numbers the test split (``Findings.report_split``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import yaml
+from pymoo.indicators.hv import HV
+
+from moalign.diagnostics.interference import InterferenceReport, curve_means, interference_report
+from moalign.diagnostics.runs import SPLITS, Run, group_by_config, load_run, read_metrics
+from moalign.errors import UserError
+
+SUMMARY_FILE = "summary.json"
+STUDY_FILE = "study.yaml"
+RESULT_COLUMNS = ["study", "run", "algorithm", "model", "estimator", "seed", "objective_set", "split", "step",
+                  "objective", "value"]
+
+
+# ------------------------------------------------------------------------------------------------ runs
+
+
+@dataclass(frozen=True)
+class StudyRun:
+    """A finished run directory with its factors read from its resolved config."""
+
+    run: Run
+    records: list[dict[str, Any]]  # metrics.jsonl, one merged record per step
+
+    @property
+    def name(self) -> str:
+        return self.run.path.name
+
+    def _section_name(self, section: str) -> str:
+        value = self.run.config.get(section)
+        return str(value.get("name") if isinstance(value, dict) else value or "?")
+
+    @property
+    def algorithm(self) -> str:
+        return self._section_name("weighting")
+
+    @property
+    def model(self) -> str:
+        return self._section_name("model")
+
+    @property
+    def estimator(self) -> str:
+        return self._section_name("estimator")
+
+    @property
+    def seed(self) -> Optional[int]:
+        return self.run.seed
+
+    @property
+    def objective_set(self) -> str:
+        return "+".join(self.run.objectives)
+
+    def series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
+        """(steps, values) of a scalar metric over the logged steps that carry it."""
+        pairs = [(r["step"], r[key]) for r in self.records if isinstance(r.get(key), (int, float))]
+        steps, values = zip(*pairs) if pairs else ((), ())
+        return np.array(steps, dtype=int), np.array(values, dtype=float)
+
+    def curve(self, split: str, objective: str) -> tuple[np.ndarray, np.ndarray]:
+        """(evaluation steps, mean score over prompts) of one objective on one split."""
+        evaluations = self.run.evaluations[split]
+        return evaluations.steps, curve_means(evaluations.per_prompt[objective])
+
+
+@dataclass(frozen=True)
+class LoadedStudy:
+    name: str
+    path: Path
+    runs: list[StudyRun]
+    skipped: list[tuple[str, str]]  # (run directory name, why it is not in the report)
+
+
+def find_run_dirs(path: Path) -> tuple[list[Path], bool]:
+    """The run directories under ``path`` and whether ``path`` is a study (runs under ``runs/``) or one run."""
+    if (path / "metrics.jsonl").is_file():
+        return [path], False
+    runs_folder = path / "runs"
+    if runs_folder.is_dir():
+        return sorted(d for d in runs_folder.iterdir() if d.is_dir()), True
+    raise UserError(f"{path} is neither a study directory (with runs/) nor a run directory (with metrics.jsonl)")
+
+
+def load_study(path: Path | str) -> LoadedStudy:
+    """A study's finished runs (those with summary.json), or a single run directory (finished or not)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{path} is not a directory; pass a study or run directory")
+    run_dirs, is_study = find_run_dirs(path)
+    runs, skipped = [], []
+    for run_dir in run_dirs:
+        if is_study and not (run_dir / SUMMARY_FILE).is_file():
+            skipped.append((run_dir.name, "not finished (no summary.json)"))
+            continue
+        try:
+            run = load_run(run_dir)
+            if not any(len(e.steps) >= 2 for e in run.evaluations.values()):
+                raise UserError("fewer than two evaluations")
+        except UserError as exc:
+            if not is_study:
+                raise
+            skipped.append((run_dir.name, str(exc)))
+            continue
+        runs.append(StudyRun(run, read_metrics(run_dir / "metrics.jsonl")))
+    if not runs:
+        reasons = "; ".join(f"{name}: {why}" for name, why in skipped) or "no run directories under runs/"
+        raise UserError(f"{path} holds no finished run to report on ({reasons})")
+    return LoadedStudy(_study_name(path, is_study), path, runs, skipped)
+
+
+def _study_name(path: Path, is_study: bool) -> str:
+    study_file = path / STUDY_FILE
+    if is_study and study_file.is_file():
+        name = (yaml.safe_load(study_file.read_text()) or {}).get("name")
+        if name:
+            return str(name)
+    return path.resolve().name
+
+
+def results_table(runs: Sequence[StudyRun], study: str) -> pd.DataFrame:
+    """Tidy results: one row per run × split × evaluation step × objective (``RESULT_COLUMNS``)."""
+    rows = []
+    for r in runs:
+        for split, evaluations in r.run.evaluations.items():
+            for objective in r.run.objectives:
+                for step, value in zip(*r.curve(split, objective)):
+                    rows.append([study, r.name, r.algorithm, r.model, r.estimator, r.seed, r.objective_set, split,
+                                 int(step), objective, float(value)])
+    return pd.DataFrame(rows, columns=RESULT_COLUMNS)
+
+
+# ------------------------------------------------------------------------------------------------ configurations
+
+
+@dataclass(frozen=True)
+class ConfigResult:
+    """The seeds of one configuration and their interference verdicts per split (t-intervals over seeds, or the
+    paired bootstrap over prompts for a single seed)."""
+
+    runs: list[StudyRun]
+    reports: dict[str, InterferenceReport]  # split -> report
+
+    @property
+    def first(self) -> StudyRun:
+        return self.runs[0]
+
+    @property
+    def label(self) -> str:
+        """The algorithm, plus any other grid values a study put in the run name after the seed (``lr-0.001``)."""
+        extras = self.first.name.split("__")[4:]
+        return " ".join([self.first.algorithm, *extras])
+
+    @property
+    def seeds(self) -> list[Any]:
+        return [r.seed for r in self.runs]
+
+
+def configurations(runs: Sequence[StudyRun]) -> list[ConfigResult]:
+    """Runs grouped by configuration (everything but the seed), each with its reports on every measurable split."""
+    by_path = {r.run.path: r for r in runs}
+    out = []
+    for group in group_by_config([r.run for r in runs]):
+        reports = {split: interference_report(group, split) for split in SPLITS if _measurable(group, split)}
+        out.append(ConfigResult([by_path[run.path] for run in group], reports))
+    models = list(dict.fromkeys(c.first.model for c in out))
+    # The baseline first within each comparison; otherwise the order the runs came in.
+    return sorted(out, key=lambda c: (models.index(c.first.model), c.first.estimator, c.first.objective_set,
+                                      c.first.algorithm != "linear"))
+
+
+def _measurable(runs: Sequence[Run], split: str) -> bool:
+    """Every run evaluated the split at its first and last evaluation (test: start and end of training)."""
+    return all(run.evaluated_at_start_and_end(split) for run in runs)
+
+
+def report_split(configs: Sequence[ConfigResult]) -> str:
+    """The split of the reported numbers: test when every configuration measured it, else val."""
+    return "test" if all("test" in c.reports for c in configs) else "val"
+
+
+def selection_split(configs: Sequence[ConfigResult]) -> str:
+    """The split selections are made on: val when every configuration measured it, else the report split."""
+    return "val" if all("val" in c.reports for c in configs) else report_split(configs)
+
+
+def run_interference(run: StudyRun, split: str) -> Optional[bool]:
+    return interference_report([run.run], split).interference
+
+
+def interference_rates(runs: Sequence[StudyRun], split: str, by: str) -> dict[str, tuple[int, int]]:
+    """Per value of the factor ``by`` (e.g. "algorithm"): (runs that interfere, runs with a verdict)."""
+    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for r in runs:
+        verdict = run_interference(r, split)
+        if verdict is not None:
+            counts[getattr(r, by)][0] += int(verdict)
+            counts[getattr(r, by)][1] += 1
+    return {k: (v[0], v[1]) for k, v in counts.items()}
+
+
+# ------------------------------------------------------------------------------------------------ Pareto
+
+
+def front_hypervolume(start: np.ndarray, points: np.ndarray) -> float:
+    """Hypervolume dominated by ``points`` [K, M] above the reference ``start`` [M] (scores maximized)."""
+    points = np.atleast_2d(np.asarray(points, dtype=float))
+    return float(HV(ref_point=-np.asarray(start, dtype=float))(-points))
+
+
+def pareto_front(points: np.ndarray) -> np.ndarray:
+    """Boolean mask of the non-dominated rows of ``points`` [K, M] (maximization)."""
+    points = np.asarray(points, dtype=float)
+    dominated = [any(np.all(q >= p) and np.any(q > p) for q in points) for p in points]
+    return ~np.array(dominated, dtype=bool)
+
+
+@dataclass(frozen=True)
+class ParetoSet:
+    """The final points of one comparison (same model, estimator and objectives), one per configuration."""
+
+    configs: list[ConfigResult]
+    objectives: list[str]
+    start: np.ndarray  # [M] mean start point over configurations
+    points: np.ndarray  # [K, M] end points (means over seeds)
+    on_front: np.ndarray  # [K] bool
+    hypervolume: float  # of the whole set, reference = start
+
+
+def comparison_key(r: StudyRun) -> tuple[str, str, str]:
+    """Runs that are compared with each other: same model, estimator and objectives (they differ in algorithm)."""
+    return r.model, r.estimator, r.objective_set
+
+
+def pareto_sets(configs: Sequence[ConfigResult], split: str) -> dict[tuple[str, str, str], ParetoSet]:
+    grouped: dict[tuple[str, str, str], list[ConfigResult]] = defaultdict(list)
+    for c in configs:
+        if split in c.reports:
+            grouped[comparison_key(c.first)].append(c)
+    out = {}
+    for key, members in grouped.items():
+        objectives = members[0].first.run.objectives
+        starts = np.array([[ch.start for ch in c.reports[split].changes] for c in members])
+        points = np.array([[ch.end for ch in c.reports[split].changes] for c in members])
+        start = starts.mean(axis=0)
+        out[key] = ParetoSet(members, objectives, start, points, pareto_front(points),
+                             front_hypervolume(start, points))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ cost and law
+
+
+def cost_rows(runs: Sequence[StudyRun]) -> list[dict[str, Any]]:
+    """Per (algorithm, model): mean seconds per step, the mean seconds of each timed phase and any pass counters."""
+    grouped: dict[tuple[str, str], list[StudyRun]] = defaultdict(list)
+    for r in runs:
+        grouped[(r.algorithm, r.model)].append(r)
+    rows = []
+    for (algorithm, model), members in sorted(grouped.items()):
+        keys = sorted({k for r in members for rec in r.records for k in rec
+                       if k == "perf/step_s" or (k.startswith("time/") and k.endswith("_s"))
+                       or (k.startswith("perf/") and "pass" in k)})
+        row: dict[str, Any] = {"algorithm": algorithm, "model": model, "runs": len(members)}
+        for key in keys:
+            values = np.concatenate([r.series(key)[1] for r in members])
+            row[key] = float(np.mean(values)) if len(values) else math.nan
+        rows.append(row)
+    return rows
+
+
+def law_agreement(run: StudyRun) -> Optional[tuple[int, int]]:
+    """(steps where sign of law/cov/<j> at t matches the sign of Δ train/<j>/mean from t to t+1, steps compared),
+    pooled over objectives; None when the run logged no ``law/cov/...``."""
+    agree = total = 0
+    found = False
+    for objective in run.run.objectives:
+        law_steps, predicted = run.series(f"law/cov/{objective}")
+        if not len(law_steps):
+            continue
+        found = True
+        train_steps, train_mean = run.series(f"train/{objective}/mean")
+        mean_at = dict(zip(train_steps.tolist(), train_mean.tolist()))
+        for step, cov in zip(law_steps.tolist(), predicted.tolist()):
+            if step in mean_at and step + 1 in mean_at:
+                observed = mean_at[step + 1] - mean_at[step]
+                if cov != 0 and observed != 0 and math.isfinite(cov) and math.isfinite(observed):
+                    total += 1
+                    agree += int((cov > 0) == (observed > 0))
+    return (agree, total) if found else None
+
+
+def law_rows(runs: Sequence[StudyRun]) -> list[dict[str, Any]]:
+    """Per algorithm: covariance-law sign agreement pooled over its runs (empty when no run logged law metrics)."""
+    pooled: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for r in runs:
+        result = law_agreement(r)
+        if result is not None:
+            pooled[r.algorithm][0] += result[0]
+            pooled[r.algorithm][1] += result[1]
+    return [{"algorithm": a, "agree": n_agree, "steps": n, "rate": n_agree / n if n else math.nan}
+            for a, (n_agree, n) in sorted(pooled.items())]
+
+
+# ------------------------------------------------------------------------------------------------ sentences
+
+
+def describe_change(objective: str, change: float, interval: Sequence[float]) -> Optional[str]:
+    """"clarity degrades by 0.12 [CI −0.20, −0.05]" when the interval excludes 0, else None (no clear move)."""
+    low, high = interval
+    ci = f"[CI {_num(low)}, {_num(high)}]"
+    if high < 0:
+        return f"{objective} degrades by {abs(change):.3f} {ci}"
+    if low > 0:
+        return f"{objective} rises by {change:.3f} {ci}"
+    return None
+
+
+def describe_config(config: ConfigResult, split: str) -> str:
+    """One clause per algorithm: what moved clearly, and how often its runs interfered."""
+    report = config.reports[split]
+    moves = [m for ch in report.changes if (m := describe_change(ch.objective, ch.change, ch.change_ci))]
+    degraded = [m for m in moves if " degrades " in m]
+    improved = [m for m in moves if " rises " in m]
+    if degraded and improved:
+        what = f"{', '.join(degraded)} while {', '.join(improved)}"
+    elif moves:
+        what = ", ".join(moves)
+    else:
+        what = "no objective moves clearly (every interval contains 0)"
+    verdicts = [run_interference(r, split) for r in config.runs]
+    known = [v for v in verdicts if v is not None]
+    tail = f"; interference in {sum(known)} of {len(known)} run{'s' if len(known) != 1 else ''}" if known else ""
+    return f"under {config.label}, {what}{tail}"
+
+
+@dataclass(frozen=True)
+class Finding:
+    """What one comparison (same model, estimator and objectives; different algorithms) shows."""
+
+    head: str  # which comparison, on which split, over how many seeds
+    clauses: list[str]  # one per algorithm: its clear moves and how often its runs interfered
+    summary: str  # the selection on the selection split, its value on the report split, and the Pareto front
+
+
+def finding_for(pareto: ParetoSet, key: tuple[str, str, str], split: str, selection: Optional[ParetoSet],
+                selection_split: str) -> Finding:
+    model, estimator, objective_set = key
+    seeds = "/".join(str(n) for n in sorted({len(c.runs) for c in pareto.configs}))
+    head = f"**{model}** ({estimator}; objectives {objective_set}; {split} split; {seeds} seed(s) per algorithm):"
+    clauses = [describe_config(c, split) for c in pareto.configs]
+    summary = ""
+    if selection is not None and len(selection.configs) > 1:
+        hv = [c.reports[selection_split].hypervolume for c in selection.configs]
+        best = selection.configs[int(np.argmax(hv))]
+        summary += (f"Chosen on {selection_split} by hypervolume: {best.label} (HV {max(hv):.4f}); on {split} its "
+                    f"hypervolume is {best.reports[split].hypervolume:.4f}. ")
+    on_front = [c.label for c, on in zip(pareto.configs, pareto.on_front) if on]
+    summary += f"Pareto front on {split}: {', '.join(on_front)} (hypervolume of the set {pareto.hypervolume:.4f})."
+    return Finding(head, clauses, summary)
+
+
+def _num(x: float) -> str:
+    return f"{x:+.3f}".replace("-", "−")
+
+
+@dataclass
+class Findings:
+    """Everything the report shows, computed once."""
+
+    study: LoadedStudy
+    configs: list[ConfigResult] = field(init=False)
+    split: str = field(init=False)
+    selection_split: str = field(init=False)
+    pareto: dict[tuple[str, str, str], ParetoSet] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.configs = configurations(self.study.runs)
+        self.split = report_split(self.configs)
+        self.selection_split = selection_split(self.configs)
+        self.pareto = pareto_sets(self.configs, self.split)
+
+    @property
+    def runs(self) -> list[StudyRun]:
+        return self.study.runs
+
+    def findings(self) -> list[Finding]:
+        selection = pareto_sets(self.configs, self.selection_split)
+        return [finding_for(p, key, self.split, selection.get(key), self.selection_split)
+                for key, p in self.pareto.items()]
+
+    def values_of(self, attribute: str) -> list[str]:
+        """Distinct values of a run factor, in the order of the configurations (the baseline first)."""
+        return list(dict.fromkeys(getattr(r, attribute) for c in self.configs for r in c.runs))

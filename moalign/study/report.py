@@ -1,0 +1,451 @@
+"""``moalign report DIR``: a study (or a single run) as one self-contained HTML page, a Markdown page and PNG figures.
+
+Sections, in order: findings (sentences stating only what the numbers show) · per-objective evaluation curves per
+algorithm, one panel per model × objective (the paper's Figure 1 layout), mean over seeds with a min–max band ·
+per-objective change table with 95% intervals, degradation flags, interference and hypervolume · interference rate
+per algorithm and model · covariance-law agreement (when runs log ``law/cov/<objective>``) · weight trajectories ·
+Pareto scatter of the final points with the front's hypervolume · cost per step. The numbers come from
+``moalign.study.findings``.
+
+The document is a list of blocks (headings, paragraphs, tables, images) rendered twice: HTML with every figure embedded
+as a base64 PNG (one file to share), and Markdown with the figures as PNG files in ``figures/`` next to it.
+Matplotlib is used through its object API on the Agg canvas: no display and no pyplot global state.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import itertools
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from moalign.study.findings import (ConfigResult, Findings, StudyRun, comparison_key, cost_rows, interference_rates,
+                                    law_rows, load_study)
+
+# ------------------------------------------------------------------------------------------------ document blocks
+
+
+@dataclass(frozen=True)
+class Heading:
+    text: str
+    level: int = 2
+
+
+@dataclass(frozen=True)
+class Paragraph:
+    text: str  # **bold** is the only markup
+
+
+@dataclass(frozen=True)
+class Bullets:
+    items: list[str]  # **bold** is the only markup
+
+
+@dataclass(frozen=True)
+class Table:
+    columns: list[str]
+    rows: list[list[str]]
+    caption: str = ""
+
+
+@dataclass(frozen=True)
+class Image:
+    name: str  # file stem under figures/
+    png: bytes
+    caption: str
+
+
+Block = Union[Heading, Paragraph, Bullets, Table, Image]
+
+CSS = """
+body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; max-width: 1200px; margin: 2em auto;
+       padding: 0 1em; color: #222; line-height: 1.45; }
+h1 { border-bottom: 2px solid #444; padding-bottom: .2em; }
+h2 { border-bottom: 1px solid #ccc; padding-bottom: .15em; margin-top: 1.8em; }
+table { border-collapse: collapse; margin: .8em 0; font-size: 13px; }
+th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
+th { background: #f2f2f2; } td:first-child, th:first-child { text-align: left; }
+caption { caption-side: bottom; font-size: 12px; color: #555; padding-top: 4px; text-align: left; }
+figure { margin: 1em 0; } figure img { max-width: 100%; } figcaption { font-size: 13px; color: #555; }
+"""
+
+
+def _bold_html(text: str) -> str:
+    return re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", html.escape(text))
+
+
+def render_html(title: str, blocks: Sequence[Block]) -> str:
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+             f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
+    for b in blocks:
+        if isinstance(b, Heading):
+            parts.append(f"<h{b.level}>{html.escape(b.text)}</h{b.level}>")
+        elif isinstance(b, Paragraph):
+            parts.append(f"<p>{_bold_html(b.text)}</p>")
+        elif isinstance(b, Bullets):
+            parts.append("<ul>" + "".join(f"<li>{_bold_html(item)}</li>" for item in b.items) + "</ul>")
+        elif isinstance(b, Table):
+            head = "".join(f"<th>{html.escape(c)}</th>" for c in b.columns)
+            body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in b.rows)
+            caption = f"<caption>{html.escape(b.caption)}</caption>" if b.caption else ""
+            parts.append(f"<table>{caption}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+        else:
+            data = base64.b64encode(b.png).decode()
+            parts.append(f"<figure><img alt='{html.escape(b.name)}' src='data:image/png;base64,{data}'>"
+                         f"<figcaption>{html.escape(b.caption)}</figcaption></figure>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def render_markdown(title: str, blocks: Sequence[Block], figures_folder: str = "figures") -> str:
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    parts = [f"# {title}"]
+    for b in blocks:
+        if isinstance(b, Heading):
+            parts.append(f"{'#' * b.level} {b.text}")
+        elif isinstance(b, Paragraph):
+            parts.append(b.text)
+        elif isinstance(b, Bullets):
+            parts.append("\n".join(f"- {item}" for item in b.items))
+        elif isinstance(b, Table):
+            lines = ["| " + " | ".join(cell(c) for c in b.columns) + " |",
+                     "|" + "|".join(["---"] * len(b.columns)) + "|"]
+            lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in b.rows]
+            if b.caption:
+                lines.append(f"\n*{b.caption}*")
+            parts.append("\n".join(lines))
+        else:
+            parts.append(f"![{b.name}]({figures_folder}/{b.name}.png)\n\n*{b.caption}*")
+    return "\n\n".join(parts) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------ figures
+
+
+def new_figure(rows: int, cols: int, panel: tuple[float, float] = (3.8, 2.7)) -> tuple[Figure, np.ndarray]:
+    fig = Figure(figsize=(panel[0] * cols, panel[1] * rows + 0.9), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = np.array(fig.subplots(rows, cols, squeeze=False))
+    return fig, axes
+
+
+def to_png(fig: Figure) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    return buffer.getvalue()
+
+
+class Palette:
+    """One colour per algorithm label, the same in every figure (linear, the baseline, is black). The strong tab10
+    colours come first (gray left out: it reads as "disabled"), then the light tab20 ones."""
+
+    def __init__(self, labels: Sequence[str]):
+        from matplotlib import colormaps
+
+        strong = [colormaps["tab10"](i) for i in range(10) if i != 7]
+        light = [colormaps["tab20"](2 * i + 1) for i in range(10) if i != 7]
+        cycle = strong + light
+        others = [label for label in labels if label != "linear"]
+        self.colors = {label: cycle[i % len(cycle)] for i, label in enumerate(others)}
+        self.colors["linear"] = (0.0, 0.0, 0.0, 1.0)
+
+    def __getitem__(self, label: str):
+        return self.colors.get(label, (0.5, 0.5, 0.5, 1.0))
+
+
+def legend_below(fig: Figure, axes: np.ndarray) -> None:
+    """One legend for all panels, below them (each label once)."""
+    handles = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    if handles:
+        fig.legend(list(handles.values()), list(handles), loc="outside lower center",
+                   ncol=min(8, len(handles)), fontsize=8, frameon=False)
+
+
+def style_step_axis(ax) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlabel("step", fontsize=8)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+
+
+def aligned(series: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Seeds' (steps, values) on the steps all of them logged: (steps [T], values [S, T])."""
+    common = sorted(set.intersection(*(set(s.tolist()) for s, _ in series))) if series else []
+    values = np.array([[dict(zip(s.tolist(), v.tolist()))[t] for t in common] for s, v in series])
+    return np.array(common, dtype=int), values.reshape(len(series), len(common))
+
+
+def plot_seed_band(ax, steps: np.ndarray, values: np.ndarray, color, label: str) -> None:
+    """Mean over seeds as a line; with several seeds a band from their minimum to their maximum."""
+    if not len(steps):
+        return
+    ax.plot(steps, values.mean(axis=0), color=color, label=label, lw=1.4, marker="." if len(steps) < 12 else None)
+    if len(values) > 1:
+        ax.fill_between(steps, values.min(axis=0), values.max(axis=0), color=color, alpha=0.15, lw=0)
+
+
+def curve_split(runs: Sequence[StudyRun]) -> str:
+    """Curves use the validation split (evaluated every few steps) when every run has at least two evaluations."""
+    def evaluations(r: StudyRun, split: str) -> int:
+        return len(r.run.evaluations[split].steps) if split in r.run.evaluations else 0
+
+    return "val" if all(evaluations(r, "val") >= 2 for r in runs) else "test"
+
+
+def curves_figure(f: Findings, palette: Palette, estimator: str, objective_set: str) -> Optional[Image]:
+    configs = [c for c in f.configs if c.first.estimator == estimator and c.first.objective_set == objective_set]
+    models = list(dict.fromkeys(c.first.model for c in configs))
+    objectives = configs[0].first.run.objectives
+    split = curve_split([r for c in configs for r in c.runs])
+    fig, axes = new_figure(len(models), len(objectives))
+    for i, model in enumerate(models):
+        for j, objective in enumerate(objectives):
+            ax = axes[i, j]
+            for c in (c for c in configs if c.first.model == model):
+                steps, values = aligned([r.curve(split, objective) for r in c.runs])
+                plot_seed_band(ax, steps, values, palette[c.label], c.label)
+            ax.set_title(f"{model} · {objective}", fontsize=9)
+            ax.set_ylabel(f"{split} mean", fontsize=8)
+            style_step_axis(ax)
+    legend_below(fig, axes)
+    seeds = max(len(c.runs) for c in configs)
+    band = "mean over seeds, band = min–max over seeds" if seeds > 1 else "one seed per algorithm"
+    return Image(f"curves_{_stem(estimator)}_{_stem(objective_set)}", to_png(fig),
+                 f"Per-objective {split} curves (greedy decoding), estimator {estimator}; rows: models, columns: "
+                 f"objectives; {band}.")
+
+
+def weights_figure(f: Findings, palette: Palette, key: tuple[str, str, str]) -> Optional[Image]:
+    configs = [c for c in f.configs if comparison_key(c.first) == key]
+    objectives = configs[0].first.run.objectives
+    with_weights = [c for c in configs if any(len(r.series(f"weight/{o}")[0]) for r in c.runs for o in objectives)]
+    if not with_weights:
+        return None
+    cols = min(5, len(with_weights))
+    rows = -(-len(with_weights) // cols)
+    fig, axes = new_figure(rows, cols, panel=(3.0, 2.3))
+    from matplotlib import colormaps
+
+    objective_colors = colormaps["Set1"]
+    for ax, c in itertools.zip_longest(axes.flat, with_weights):
+        if c is None:
+            ax.set_visible(False)
+            continue
+        for j, objective in enumerate(objectives):
+            steps, values = aligned([r.series(f"weight/{objective}") for r in c.runs])
+            plot_seed_band(ax, steps, values, objective_colors(j % 9), objective)
+        ax.set_title(c.label, fontsize=9, color=palette[c.label])
+        style_step_axis(ax)
+    legend_below(fig, axes)
+    model, estimator, _ = key
+    return Image(f"weights_{_stem('_'.join(key))}", to_png(fig),
+                 f"Weight trajectories weight/<objective> per algorithm ({model}, {estimator}); mean over seeds with "
+                 f"min–max band. Gradient-level algorithms log their effective weights; raw scales differ between "
+                 f"algorithms.")
+
+
+def pareto_figure(f: Findings, palette: Palette) -> Optional[Image]:
+    sets = list(f.pareto.items())
+    pairs = {key: list(itertools.combinations(range(len(p.objectives)), 2)) for key, p in sets}
+    width = max((len(v) for v in pairs.values()), default=0)
+    if not sets or width == 0:
+        return None
+    fig, axes = new_figure(len(sets), width, panel=(3.4, 3.0))
+    for i, (key, p) in enumerate(sets):
+        for j in range(width):
+            ax = axes[i, j]
+            if j >= len(pairs[key]):
+                ax.set_visible(False)
+                continue
+            a, b = pairs[key][j]
+            for c, point, front in zip(p.configs, p.points, p.on_front):
+                ax.scatter(point[a], point[b], color=palette[c.label], label=c.label, s=46 if front else 22,
+                           edgecolors="black" if front else "none", linewidths=1.0, zorder=3)
+            ax.scatter(p.start[a], p.start[b], marker="x", color="black", s=50, label="start", zorder=4)
+            ax.set_xlabel(p.objectives[a], fontsize=8)
+            ax.set_ylabel(p.objectives[b], fontsize=8)
+            ax.set_title(f"{key[0]} · {key[1]} (HV {p.hypervolume:.4f})", fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.3)
+    legend_below(fig, axes)
+    return Image("pareto", to_png(fig),
+                 f"Final {f.split} scores (mean over seeds) for each pair of objectives; black-edged points are on the "
+                 f"Pareto front over all objectives; × is the mean start point, the reference of the hypervolume (HV).")
+
+
+def cost_figure(rows: list[dict], palette: Palette) -> Optional[Image]:
+    rows = [r for r in rows if "perf/step_s" in r]
+    if not rows:
+        return None
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    bars = max(len([r for r in rows if r["model"] == m]) for m in models)
+    fig, axes = new_figure(1, len(models), panel=(4.2, 0.22 * bars + 0.9))
+    for ax, model in zip(axes[0], models):
+        mine = [r for r in rows if r["model"] == model]
+        ax.barh([r["algorithm"] for r in mine], [r["perf/step_s"] for r in mine],
+                color=[palette[r["algorithm"]] for r in mine])
+        ax.invert_yaxis()
+        ax.set_title(model, fontsize=9)
+        ax.set_xlabel("seconds per step (mean)", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3, axis="x")
+    return Image("cost", to_png(fig), "Mean wall-clock seconds per training step (perf/step_s) per algorithm.")
+
+
+def _stem(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+-]+", "-", text).strip("-")
+
+
+# ------------------------------------------------------------------------------------------------ tables
+
+
+def _signed(x: Optional[float]) -> str:
+    return "n/a" if x is None else f"{x:+.3f}"
+
+
+def _yes_no(flag: Optional[bool]) -> str:
+    return "n/a" if flag is None else ("yes" if flag else "no")
+
+
+def change_table(configs: Sequence[ConfigResult], split: str) -> Table:
+    rows = []
+    for c in configs:
+        report = c.reports[split]
+        for k, ch in enumerate(report.changes):
+            run_cells = [c.first.model, c.first.estimator, c.label, str(len(c.runs))] if k == 0 else [""] * 4
+            verdict = ([_signed(report.score_gain), _yes_no(report.interference), f"{report.hypervolume:.4f}"]
+                       if k == 0 else [""] * 3)
+            rows.append(run_cells + [ch.objective, f"{ch.start:.3f}", f"{ch.end:.3f}",
+                                     f"{ch.change:+.3f} [{ch.change_ci[0]:+.3f}, {ch.change_ci[1]:+.3f}]",
+                                     "DEGRADES" if ch.degrades else "", *verdict])
+    method = configs[0].reports[split].ci_method if len(configs) == 1 else "t-interval over seeds (bootstrap over " \
+        "prompts for single-seed configurations)"
+    return Table(["model", "estimator", "algorithm", "seeds", "objective", "start", "end", "Δ [95% CI]", "flag",
+                  "score Δ", "interference", "HV"], rows,
+                 f"{split} split; Δ = last − first evaluation; {method}. An objective degrades when its whole interval "
+                 f"is below 0; interference = the training score rises while an objective degrades.")
+
+
+def rate_table(f: Findings) -> Table:
+    models = f.values_of("model")
+    per_model = {m: interference_rates([r for r in f.runs if r.model == m], f.split, "algorithm") for m in models}
+    overall = interference_rates(f.runs, f.split, "algorithm")
+
+    def cell(count: Optional[tuple[int, int]]) -> str:
+        return "–" if not count or not count[1] else f"{count[0]}/{count[1]} ({count[0] / count[1]:.0%})"
+
+    rows = [[a, *(cell(per_model[m].get(a)) for m in models), cell(overall.get(a))] for a in f.values_of("algorithm")]
+    totals = interference_rates(f.runs, f.split, "model")
+    total_all = (sum(v[0] for v in totals.values()), sum(v[1] for v in totals.values()))
+    rows.append(["all algorithms", *(cell(totals.get(m)) for m in models), cell(total_all)])
+    return Table(["algorithm", *models, "all models"], rows,
+                 f"Runs that interfere / runs (each seed is one run), {f.split} split.")
+
+
+def cost_table(rows: list[dict]) -> Table:
+    keys = sorted({k for r in rows for k in r if k not in ("algorithm", "model", "runs", "perf/step_s")})
+    baseline = {r["model"]: r.get("perf/step_s") for r in rows if r["algorithm"] == "linear"}
+    out = []
+    for r in rows:
+        step = r.get("perf/step_s")
+        base = baseline.get(r["model"])
+        ratio = f"{step / base:.2f}×" if step and base else "–"
+        out.append([r["algorithm"], r["model"], _fmt(step), ratio, *(_fmt(r.get(k)) for k in keys)])
+    names = [k.removeprefix("time/").removeprefix("perf/") for k in keys]
+    return Table(["algorithm", "model", "s/step", "× linear", *names], out,
+                 "Means over all training steps of all seeds; phases are seconds per step (time/<phase>_s).")
+
+
+def _fmt(x: Optional[float]) -> str:
+    return "–" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.3g}"
+
+
+# ------------------------------------------------------------------------------------------------ the report
+
+
+def build_blocks(f: Findings) -> list[Block]:
+    palette = Palette(list(dict.fromkeys(c.label for c in f.configs)))
+    runs = f.runs
+    blocks: list[Block] = [Paragraph(
+        f"{len(runs)} run(s) in {len(f.configs)} configuration(s). Models: {', '.join(f.values_of('model'))}. "
+        f"Algorithms: {', '.join(f.values_of('algorithm'))}. Estimators: {', '.join(f.values_of('estimator'))}. "
+        f"Seeds: {', '.join(str(s) for s in f.values_of('seed'))}. Reported numbers use the **{f.split}** split; "
+        f"selections use the **{f.selection_split}** split. Directory: {f.study.path}.")]
+
+    blocks.append(Heading("Findings"))
+    for finding in f.findings():
+        blocks += [Paragraph(finding.head), Bullets(finding.clauses), Paragraph(finding.summary)]
+
+    blocks.append(Heading("Evaluation curves"))
+    for estimator in f.values_of("estimator"):
+        for objective_set in f.values_of("objective_set"):
+            if any(r.estimator == estimator and r.objective_set == objective_set for r in runs):
+                blocks.append(curves_figure(f, palette, estimator, objective_set))
+
+    blocks += [Heading("Per-objective change"), change_table(f.configs, f.split)]
+    blocks += [Heading("Interference rate"), rate_table(f)]
+
+    law = law_rows(runs)
+    if law:
+        blocks += [Heading("Covariance-law agreement"), Table(
+            ["algorithm", "steps compared", "sign agrees", "rate"],
+            [[r["algorithm"], str(r["steps"]), str(r["agree"]), _fmt(r["rate"])] for r in law],
+            "Fraction of steps where the sign of the predicted change law/cov/<objective> matches the sign of the "
+            "next step's change in the training mean of that objective, pooled over objectives and seeds.")]
+
+    weight_images = [img for key in f.pareto if (img := weights_figure(f, palette, key)) is not None]
+    if weight_images:
+        blocks += [Heading("Weight trajectories"), *weight_images]
+
+    blocks.append(Heading("Pareto front"))
+    pareto = pareto_figure(f, palette)
+    if pareto is not None:
+        blocks.append(pareto)
+    blocks.append(Table(["model", "estimator", "objectives", "on the front", "set hypervolume"],
+                        [[*key, ", ".join(c.label for c, on in zip(p.configs, p.on_front) if on),
+                          f"{p.hypervolume:.4f}"] for key, p in f.pareto.items()],
+                        f"{f.split} split; reference point = the mean start point."))
+
+    costs = cost_rows(runs)
+    if costs:
+        blocks.append(Heading("Cost"))
+        image = cost_figure(costs, palette)
+        blocks += ([image] if image else []) + [cost_table(costs)]
+
+    if f.study.skipped:
+        blocks += [Heading("Runs not included"),
+                   Table(["run", "reason"], [[name, why] for name, why in f.study.skipped])]
+    return blocks
+
+
+def write_report(directory: Path, out: Optional[Path | str] = None) -> Path:
+    """Write ``report.html`` (self-contained), ``report.md`` and ``figures/*.png`` for a study or run directory into
+    ``out`` (default ``<directory>/report``); return the HTML file's path."""
+    findings = Findings(load_study(directory))
+    blocks = build_blocks(findings)
+    out_dir = Path(out) if out is not None else Path(directory) / "report"
+    figures = out_dir / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    for block in blocks:
+        if isinstance(block, Image):
+            (figures / f"{block.name}.png").write_bytes(block.png)
+    title = f"moalign report: {findings.study.name}"
+    (out_dir / "report.md").write_text(render_markdown(title, blocks))
+    html_path = out_dir / "report.html"
+    html_path.write_text(render_html(title, blocks))
+    return html_path

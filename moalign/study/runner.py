@@ -1,0 +1,300 @@
+"""``moalign study``: run every configuration of a study grid, one after another, resumably.
+
+Study directory layout::
+
+    <study_dir>/study.yaml            the resolved study (after command-line overrides) and its run names
+    <study_dir>/runs/<run>/           one engine run directory each (config.yaml, metrics.jsonl, checkpoints/, ...)
+    <study_dir>/runs.csv              status and wall time of every run, rewritten after each run
+    <study_dir>/results.parquet|csv   tidy results: run × split × evaluation step × objective (``findings``)
+
+Resuming is running the same command again. Each run is planned from what its directory holds:
+
+    summary.json present        -> done: skipped
+    a checkpoint, no summary    -> resume from the checkpoint (``Trainer(cfg, run_dir, resume=True)``)
+    anything else               -> start from scratch (the same call: without a checkpoint the trainer starts over)
+
+A run directory whose config.yaml differs from the study's config for it (apart from the run directory, threads and
+logging) stops the study before anything runs: continuing would mix two studies under one name. Finished runs are
+never touched. A run that fails is recorded (``error.txt`` in its directory, ``failed`` in runs.csv) and the study
+goes on; the failures are reported at the end.
+
+The training function is injectable (``train_fn``) so that the planning and resuming logic can be tested without a
+model; the default is ``train_run`` (the native engine).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional, Protocol
+
+import yaml
+
+from moalign.config import TrainConfig, dump_config
+from moalign.engine.checkpoint import latest_checkpoint
+from moalign.errors import UserError
+from moalign.study.grid import PlannedRun, StudySpec, load_study
+from moalign.study.findings import SUMMARY_FILE, load_study as load_finished_runs, results_table
+
+Plan = Literal["done", "resume", "start"]
+# Config keys that may differ between a run directory and the study without changing what the run computes.
+INCIDENTAL_KEYS = ("run_dir", "threads", "log")
+
+
+class TrainFn(Protocol):
+    def __call__(self, cfg: TrainConfig, run_dir: Path, resume: bool,
+                 on_step: Callable[[int], None]) -> dict[str, Any]:
+        """Train (or continue) one run in ``run_dir``, calling ``on_step(step)`` after every step; write
+        ``summary.json`` last and return the summary."""
+
+
+# ------------------------------------------------------------------------------------------------ one run
+
+
+def train_run(cfg: TrainConfig, run_dir: Path, resume: bool, on_step: Callable[[int], None]) -> dict[str, Any]:
+    """The native engine, with the summary written as ``moalign train`` writes it."""
+    from moalign.cli import _write_summary
+    from moalign.engine.trainer import Trainer
+
+    trainer = Trainer(cfg, run_dir, resume=resume)
+    summary = trainer.run(lambda step, total, record: on_step(step))
+    _write_summary(run_dir, summary)
+    return summary
+
+
+def plan_run(run_dir: Path) -> Plan:
+    if (run_dir / SUMMARY_FILE).is_file():
+        return "done"
+    if latest_checkpoint(run_dir) is not None:
+        return "resume"
+    return "start"
+
+
+def checkpoint_step(run_dir: Path) -> int:
+    """The step of the run's latest checkpoint (its file is ``step_<N>.pt``), 0 without one."""
+    path = latest_checkpoint(run_dir)
+    return int(path.stem.split("_")[-1]) if path is not None else 0
+
+
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k not in INCIDENTAL_KEYS}
+
+
+def check_run_dir_matches(run: PlannedRun) -> None:
+    """A run directory written by an earlier invocation must hold the same config (see the module docstring)."""
+    saved = run.run_dir / "config.yaml"
+    if not saved.is_file():
+        return
+    old = _comparable(yaml.safe_load(saved.read_text()) or {})
+    new = _comparable(run.config.model_dump(mode="json"))
+    if old != new:
+        differing = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        raise UserError(f"{run.run_dir} was made with a different config (differs in: {', '.join(differing)}); "
+                        f"use another study directory (--out) or remove that run directory")
+
+
+# ------------------------------------------------------------------------------------------------ bookkeeping
+
+
+@dataclass
+class RunRecord:
+    """One line of runs.csv."""
+
+    run: str
+    status: str  # pending | done | failed | interrupted
+    wall_s: float
+    steps_done: int
+    factors: dict[str, str]
+    error: str = ""
+
+    def row(self) -> dict[str, Any]:
+        return {"run": self.run, "status": self.status, "wall_s": round(self.wall_s, 1),
+                "steps_done": self.steps_done, **self.factors, "error": self.error}
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def previous_wall_times(study_dir: Path) -> dict[str, float]:
+    """Wall seconds already spent per run in earlier invocations (from runs.csv), so resumed runs add up."""
+    path = study_dir / "runs.csv"
+    if not path.is_file():
+        return {}
+    with path.open(newline="") as f:
+        return {row["run"]: float(row["wall_s"] or 0) for row in csv.DictReader(f)}
+
+
+def write_runs_csv(study_dir: Path, records: list[RunRecord]) -> None:
+    rows = [r.row() for r in records]
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    _atomic_write(study_dir / "runs.csv", buffer.getvalue())
+
+
+def write_study_file(study_dir: Path, spec: StudySpec, runs: list[PlannedRun]) -> None:
+    resolved = spec.model_dump(mode="json") | {"runs": [{"name": r.name, **r.factors} for r in runs]}
+    _atomic_write(study_dir / "study.yaml", yaml.safe_dump(resolved, sort_keys=False))
+
+
+def write_results(study_dir: Path, study: str) -> Optional[Path]:
+    """results.parquet and results.csv from every finished run; None when no run has finished yet."""
+    try:
+        loaded = load_finished_runs(study_dir)
+    except UserError:
+        return None
+    table = results_table(loaded.runs, study)
+    table.to_parquet(study_dir / "results.parquet", index=False)
+    table.to_csv(study_dir / "results.csv", index=False)
+    return study_dir / "results.parquet"
+
+
+# ------------------------------------------------------------------------------------------------ dry run
+
+
+def validate_runs(runs: list[PlannedRun]) -> list[str]:
+    """Everything that can be checked without loading a model: data (loaded once per distinct data config),
+    objectives, weighting parameters against the objectives, estimators and local model paths. Returns notes."""
+    from moalign.data import load_data
+    from moalign.objectives import load_objective
+    from moalign.rl.estimators import get_estimator
+    from moalign.weighting import make_weighting
+
+    notes: list[str] = []
+    data_sizes: dict[str, dict[str, int]] = {}
+    for run in runs:
+        cfg = run.config
+        data_key = json.dumps(cfg.data.model_dump(mode="json"), sort_keys=True)
+        if data_key not in data_sizes:
+            splits = load_data(cfg.data)
+            data_sizes[data_key] = {name: len(examples) for name, examples in splits.items()}
+            if not data_sizes[data_key]["train"]:
+                raise UserError(f"run {run.name}: the training split is empty; check data.path / data.num_train")
+            notes.append(f"data {cfg.data.source}: " + ", ".join(f"{k} {v}" for k, v in data_sizes[data_key].items()))
+        names = [load_objective(spec).name for spec in cfg.objectives]
+        try:
+            make_weighting(cfg.weighting.name, names, **cfg.weighting.params())
+        except (UserError, ValueError) as exc:
+            raise UserError(f"run {run.name}: weighting {cfg.weighting.name}: {exc}") from None
+        get_estimator(cfg.estimator.name)
+        notes.extend(_model_note(cfg.model.name))
+    return list(dict.fromkeys(notes))
+
+
+def _model_note(name: str) -> list[str]:
+    from moalign.models.loading import SMOLLM2_NAMES
+
+    if name == "tiny" or name.lower() in SMOLLM2_NAMES or name == "smollm2-135m-sft":
+        return []
+    if Path(name).exists():
+        return [f"model {name}: local folder"]
+    if name.startswith((".", "/", "~")):
+        raise UserError(f"model {name!r} looks like a local path but does not exist")
+    return [f"model {name}: a Hugging Face id, loaded from the local Hugging Face cache at run time"]
+
+
+# ------------------------------------------------------------------------------------------------ the study
+
+
+def run_study(config: str | Path, out_dir: str | Path | None = None, dry_run: bool = False,
+              overrides: list[str] | None = None, train_fn: TrainFn = train_run) -> Path:
+    """Run (or, with ``dry_run``, only validate) the study ``config`` (a YAML file or a preset name); return its
+    directory."""
+    from rich.console import Console
+
+    console = Console()
+    spec, study_dir, runs = load_study(config, out_dir, overrides)
+    for run in runs:
+        check_run_dir_matches(run)
+    plans = {run.name: plan_run(run.run_dir) for run in runs}
+    total_steps = sum(run.config.steps - checkpoint_step(run.run_dir) for run in runs if plans[run.name] != "done")
+    counts = {p: sum(v == p for v in plans.values()) for p in ("done", "resume", "start")}
+    console.print(f"[bold]study {spec.name}[/]: {len(runs)} runs ({counts['done']} done, {counts['resume']} to "
+                  f"resume, {counts['start']} to start), {total_steps} training steps → {study_dir}")
+    if dry_run:
+        for note in validate_runs(runs):
+            console.print(f"  {note}")
+        for run in runs:
+            console.print(f"  {plans[run.name]:>6}  {run.name}  ({run.config.steps} steps)")
+        console.print("dry run: every config, data set, objective and weighting validated; no model was loaded")
+        return study_dir
+
+    study_dir.mkdir(parents=True, exist_ok=True)
+    write_study_file(study_dir, spec, runs)
+    earlier = previous_wall_times(study_dir)
+    records = [RunRecord(r.name, "done" if plans[r.name] == "done" else "pending", earlier.get(r.name, 0.0),
+                         r.config.steps if plans[r.name] == "done" else checkpoint_step(r.run_dir), r.factors)
+               for r in runs]
+    write_runs_csv(study_dir, records)
+    failures = _run_all(runs, records, plans, study_dir, train_fn, total_steps, spec.name)
+    results = write_results(study_dir, spec.name)
+    console.print(f"study {spec.name}: {sum(r.status == 'done' for r in records)}/{len(runs)} runs done; "
+                  f"runs.csv{', results.parquet' if results else ''} in {study_dir}; "
+                  f"report: moalign report {study_dir}")
+    if failures:
+        raise UserError(f"{len(failures)} run(s) failed: {', '.join(failures)} (see error.txt in each run directory "
+                        f"and {study_dir / 'runs.csv'}); rerun the same command to retry them")
+    return study_dir
+
+
+def _run_all(runs: list[PlannedRun], records: list[RunRecord], plans: dict[str, Plan], study_dir: Path,
+             train_fn: TrainFn, total_steps: int, study: str) -> list[str]:
+    """Train every run not done yet under one progress bar (steps over the whole study, with ETA)."""
+    from tqdm.auto import tqdm
+
+    failures = []
+    bar = tqdm(total=total_steps, desc=f"study {study}", unit="step", dynamic_ncols=True)
+    try:
+        for run, record in zip(runs, records):
+            if plans[run.name] == "done":
+                continue
+            bar.set_postfix_str(run.name)
+            try:
+                if _run_one(run, record, plans[run.name], train_fn, bar):
+                    failures.append(run.name)
+            finally:  # also when interrupted: runs.csv says which run stopped and how long it had run
+                write_runs_csv(study_dir, records)
+    finally:
+        bar.close()
+    return failures
+
+
+def _run_one(run: PlannedRun, record: RunRecord, plan: Plan, train_fn: TrainFn, bar) -> bool:
+    """Train one run, keeping ``record`` and the bar current; True when it failed."""
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    (run.run_dir / "config.yaml").write_text(dump_config(run.config))
+    (run.run_dir / "error.txt").unlink(missing_ok=True)
+
+    def on_step(step: int) -> None:
+        bar.update(max(0, step - record.steps_done))
+        record.steps_done = step
+
+    t0 = time.perf_counter()
+    try:
+        train_fn(run.config, run.run_dir, plan == "resume", on_step)
+        record.status = "done"
+    except KeyboardInterrupt:
+        record.status = "interrupted"
+        raise KeyboardInterrupt(f"study interrupted during {run.name}; run the same `moalign study` command "
+                                f"again to resume") from None
+    except Exception as exc:  # one broken run must not cost the rest of a long study
+        record.status = "failed"
+        record.error = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        (run.run_dir / "error.txt").write_text(traceback.format_exc())
+        bar.write(f"✗ {run.name} failed: {record.error}")
+    finally:
+        record.wall_s += time.perf_counter() - t0
+    if record.status == "done":
+        bar.write(f"✓ {run.name} ({record.wall_s:.0f} s)")
+    return record.status == "failed"

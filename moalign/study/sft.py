@@ -1,0 +1,115 @@
+"""The ``smollm2-135m-sft`` starting point: the embedded SmolLM2-135M-Instruct after a short supervised pass on the
+arithmetic task's answer format.
+
+The ``smol`` study compares algorithms from two starting points, the model as shipped and this one, because whether
+objectives interfere depends on where training starts (METHOD §8: the constants of the model's geometry). As shipped
+the model rarely boxes its answer, so accuracy and clarity are near 0 and RL has little signal; after this pass it
+answers in the format all three objectives can reward.
+
+Recipe (``SFTRecipe``): arithmetic problems of difficulty 1 and 2 from the generator's *train* split (which never
+contains a val or test question, see ``moalign.data.arithmetic``), each answered correctly, step by step and boxed::
+
+    Step 1: 7 + 5 = 12
+    Step 2: 12 - 3 = 9
+    Step 3: The answer is \\boxed{9}.
+
+then one epoch of AdamW on −Σ log π(answer tokens | chat prompt) with a linear warm-up and decay — the loop that
+warms up the ``tiny`` model (``moalign.models.tiny.warm_up``). On 2 CPU cores this takes a few minutes, once.
+
+The result is cached under ``<cache>/smollm2-135m-sft-<hash>`` (the hash covers the recipe and the source of this
+module and of the problem generator), written under a temporary name and renamed so that a crash never leaves a
+half-written model. ``moalign.models.loading.load_model`` maps the model name ``smollm2-135m-sft`` to
+``sft_model_path()``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import moalign.data.arithmetic as arithmetic
+from moalign.data.arithmetic import ArithmeticProblem, generate_problems, solution_steps
+from moalign.data.base import DEFAULT_PROMPT_SUFFIX
+from moalign.models.loading import cache_root
+
+SFT_MODEL_NAME = "smollm2-135m-sft"
+
+
+@dataclass(frozen=True)
+class SFTRecipe:
+    """Everything that determines the fine-tuned model (part of the cache key)."""
+
+    problems: tuple[tuple[int, int], ...] = ((1, 96), (2, 96))  # (difficulty, number of problems)
+    batch_size: int = 8
+    lr: float = 3e-5
+    lr_warmup_steps: int = 3
+    final_lr_fraction: float = 0.1
+    seed: int = 0
+
+
+def sft_answer(problem: ArithmeticProblem) -> str:
+    """The target answer: every computation as a numbered step, then the boxed result as the last step."""
+    lines = [*solution_steps(problem), f"The answer is \\boxed{{{problem.answer}}}."]
+    return "\n".join(f"Step {i}: {line}" for i, line in enumerate(lines, start=1))
+
+
+def sft_examples(recipe: SFTRecipe) -> tuple[list[str], list[str]]:
+    """(prompts, answers) of the supervised pass, shuffled with the recipe's seed."""
+    problems = [p for difficulty, n in recipe.problems
+                for p in generate_problems(difficulty, n, recipe.seed, "train")]
+    random.Random(recipe.seed).shuffle(problems)
+    return [p.question + DEFAULT_PROMPT_SUFFIX for p in problems], [sft_answer(p) for p in problems]
+
+
+def recipe_hash(recipe: SFTRecipe) -> str:
+    h = hashlib.sha256(json.dumps(dataclasses.asdict(recipe)).encode())
+    for module_file in (__file__, arithmetic.__file__):
+        h.update(Path(module_file).read_bytes())
+    return h.hexdigest()[:10]
+
+
+def sft_model_path(recipe: SFTRecipe = SFTRecipe(), progress: bool = True) -> Path:
+    """The cached fine-tuned model's folder (a Hugging Face model + tokenizer), built on first use."""
+    folder = cache_root() / f"{SFT_MODEL_NAME}-{recipe_hash(recipe)}"
+    if not (folder / "config.json").is_file():
+        _build_atomically(folder, recipe, progress)
+    return folder
+
+
+def _build_atomically(folder: Path, recipe: SFTRecipe, progress: bool) -> None:
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-building-"))
+    try:
+        model, tokenizer = fine_tune(recipe, progress)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another process finished the same build first: keep theirs
+            if not folder.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def fine_tune(recipe: SFTRecipe, progress: bool = True):
+    """SmolLM2-135M-Instruct after the supervised pass (no caching). The caller's RNG state is untouched."""
+    from moalign.config import ModelConfig
+    from moalign.models.loading import load_model
+    from moalign.models.tiny import warm_up
+
+    model, tokenizer = load_model(ModelConfig(name="smollm2-135m", dtype="float32"))
+    prompts, answers = sft_examples(recipe)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe.seed)
+        warm_up(model, tokenizer, prompts, answers, recipe, recipe.seed, progress)
+    return model.eval(), tokenizer

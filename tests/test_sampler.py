@@ -1,0 +1,242 @@
+"""fast_generate against model.generate and a teacher-forced forward pass, on tiny randomly initialised models."""
+
+import math
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast,
+                          Qwen2Config, Qwen2ForCausalLM)
+from transformers.generation.logits_process import TopPLogitsWarper
+
+from moalign.engine.rollout import generate, response_logprobs
+from moalign.engine.sampler import fast_generate, nucleus_filter, sample_categorical, survivor_order
+from moalign.errors import UserError
+
+torch.set_num_threads(1)
+
+PAD, EOS, VOCAB = 0, 1, 32
+MAX_NEW = 20
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    """Token i is the word ``w{i}``; 0 and 1 are the special pad and EOS tokens."""
+    words = ["<pad>", "<eos>"] + [f"w{i}" for i in range(2, VOCAB)]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>")
+
+
+def tiny_model(config_class, model_class, **extra) -> torch.nn.Module:
+    """Random weights large enough (init 0.2) for confident predictions; the EOS output row is scaled up so that
+    greedy decoding stops after some prompts and not after others."""
+    torch.manual_seed(0)
+    config = config_class(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                          initializer_range=0.2, eos_token_id=EOS, pad_token_id=PAD, bos_token_id=None,
+                          tie_word_embeddings=False, **extra)
+    model = model_class(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight[EOS] *= 2
+    return model
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return word_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_model(LlamaConfig, LlamaForCausalLM)
+
+
+def random_prompts(n: int, seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 8, (n,), generator=g)
+    return [torch.randint(2, VOCAB, (int(k),), generator=g).tolist() for k in lengths]
+
+
+def groups_of(prompts: list[list[int]], n: int) -> tuple[list[list[int]], list[int]]:
+    """Each prompt repeated n times, and the group id of every row."""
+    return [p for p in prompts for _ in range(n)], [g for g in range(len(prompts)) for _ in range(n)]
+
+
+def both(model, tokenizer, prompts, **kwargs):
+    index = list(range(len(prompts)))
+    args = (model, tokenizer, prompts, index, index, kwargs.pop("max_new_tokens", MAX_NEW))
+    return generate(*args, **kwargs), fast_generate(*args, **kwargs)
+
+
+def expected_mask(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask through the first EOS and the truncation flags, by a plain loop over each row."""
+    mask, truncated = torch.zeros(ids.shape), torch.ones(len(ids), dtype=torch.bool)
+    for b, row in enumerate(ids.tolist()):
+        for t, token in enumerate(row):
+            mask[b, t] = 1
+            if token == EOS:
+                truncated[b] = False
+                break
+    return mask, truncated
+
+
+def assert_well_formed(rollout):
+    mask, truncated = expected_mask(rollout.response_ids)
+    assert torch.equal(rollout.response_mask, mask)
+    assert torch.equal(rollout.truncated, truncated)
+    assert (rollout.response_ids[mask == 0] == PAD).all()
+    assert (rollout.sampler_logprobs[mask == 0] == 0).all()
+    assert (rollout.sampler_logprobs[mask == 1] <= 0).all()
+
+
+# ---- against model.generate ---------------------------------------------------------------------------------
+
+def test_greedy_matches_generate_with_early_stops(llama, tokenizer):
+    reference, fast = both(llama, tokenizer, random_prompts(12), greedy=True)
+    lengths = reference.response_mask.sum(-1)
+    # the case being tested: rows stop at several different lengths, others run to the budget
+    assert reference.truncated.any() and (~reference.truncated).sum() >= 3 and len(set(lengths.tolist())) >= 4
+    assert torch.equal(fast.response_ids, reference.response_ids)
+    assert torch.equal(fast.response_mask, reference.response_mask)
+    assert torch.equal(fast.truncated, reference.truncated)
+    assert torch.equal(fast.prompt_ids, reference.prompt_ids) and torch.equal(fast.prompt_mask, reference.prompt_mask)
+    assert fast.texts == reference.texts
+    assert_well_formed(fast)
+
+
+def test_greedy_matches_generate_in_chunks(llama, tokenizer):
+    reference, fast = both(llama, tokenizer, random_prompts(11, seed=2), greedy=True, batch_size=4)
+    assert torch.equal(fast.response_ids, reference.response_ids)
+    assert torch.equal(fast.truncated, reference.truncated)
+
+
+@pytest.mark.parametrize("name", ["qwen2", "mistral_sliding_window"])
+def test_greedy_matches_generate_other_architectures(name, tokenizer):
+    # Qwen2 has attention biases; Mistral's 4-token sliding window makes the cache not a plain one, so the
+    # sampler keeps transformers' own cache for it.
+    model = (tiny_model(Qwen2Config, Qwen2ForCausalLM) if name == "qwen2"
+             else tiny_model(MistralConfig, MistralForCausalLM, sliding_window=4))
+    reference, fast = both(model, tokenizer, random_prompts(10, seed=3), greedy=True)
+    assert (~reference.truncated).any()
+    assert torch.equal(fast.response_ids, reference.response_ids)
+    assert torch.allclose(fast.sampler_logprobs, response_logprobs(model, fast, 4), atol=1e-4)
+
+
+# ---- log-probs against a teacher-forced forward pass --------------------------------------------------------
+
+@pytest.mark.parametrize("greedy,temperature", [(True, 1.0), (False, 1.0), (False, 0.7)])
+def test_sampler_logprobs_match_forward(llama, tokenizer, greedy, temperature):
+    prompts, groups = groups_of(random_prompts(4, seed=4), 3)
+    torch.manual_seed(0)
+    rollout = fast_generate(llama, tokenizer, prompts, groups, groups, MAX_NEW, temperature=temperature,
+                            greedy=greedy)
+    assert_well_formed(rollout)
+    assert (~rollout.truncated).any()
+    forward = response_logprobs(llama, rollout, micro_batch_size=5, temperature=temperature)
+    assert torch.allclose(rollout.sampler_logprobs, forward, atol=1e-4)
+
+
+def test_top_p_logprobs_are_those_of_the_full_distribution(llama, tokenizer):
+    prompts, groups = groups_of(random_prompts(3, seed=5), 4)
+    torch.manual_seed(0)
+    rollout = fast_generate(llama, tokenizer, prompts, groups, groups, MAX_NEW, temperature=0.8, top_p=0.7)
+    assert_well_formed(rollout)
+    assert torch.allclose(rollout.sampler_logprobs, response_logprobs(llama, rollout, 6, 0.8), atol=1e-4)
+
+
+# ---- randomness ---------------------------------------------------------------------------------------------
+
+def test_same_seed_same_samples_other_seed_other_samples(llama, tokenizer):
+    prompts, groups = groups_of(random_prompts(4, seed=6), 4)
+
+    def run(seed):
+        torch.manual_seed(seed)
+        return fast_generate(llama, tokenizer, prompts, groups, groups, MAX_NEW)
+
+    first, again, other = run(7), run(7), run(8)
+    assert torch.equal(first.response_ids, again.response_ids)
+    assert torch.equal(first.sampler_logprobs, again.sampler_logprobs)
+    assert not torch.equal(first.response_ids, other.response_ids)
+
+
+def total_variation(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    return 0.5 * float((counts / counts.sum() - probs).abs().sum())
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_group_samples_follow_the_model_distribution(llama, tokenizer, temperature):
+    # One prompt repeated 4000 times (prefilled once, its cache copied to every row): the first tokens' frequencies
+    # must match softmax(z / τ) of a plain forward pass. 4000 draws over 32 tokens give TV ≈ 0.03 at most.
+    prompt = random_prompts(1, seed=9)[0]
+    n = 4000
+    torch.manual_seed(0)
+    rollout = fast_generate(llama, tokenizer, [prompt] * n, [0] * n, [0] * n, max_new_tokens=1,
+                            temperature=temperature)
+    with torch.no_grad():
+        logits = llama(torch.tensor([prompt])).logits[0, -1]
+    probs = (logits / temperature).softmax(-1)
+    counts = torch.bincount(rollout.response_ids[:, 0], minlength=VOCAB).float()
+    other_temperature = (logits / (1.7 - temperature)).softmax(-1)
+    assert total_variation(counts, other_temperature) > 0.08  # the test can tell temperatures apart
+    assert total_variation(counts, probs) < 0.04
+
+
+def test_sample_categorical_frequencies_and_zero_mass():
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0]]).repeat(20_000, 1)
+    torch.manual_seed(0)
+    counts = torch.bincount(sample_categorical(probs), minlength=6).float()
+    assert counts[[0, 2, 5]].sum() == 0
+    assert torch.allclose(counts / counts.sum(), probs[0], atol=0.015)
+
+
+def test_sample_categorical_never_picks_a_token_without_mass(monkeypatch):
+    # u = total (what float rounding of u·total can give) lands past the CDF: the row must be redrawn
+    probs = torch.tensor([[0.25, 0.75, 0.0], [0.5, 0.5, 0.0]])
+    monkeypatch.setattr(torch, "rand", lambda shape, **kw: torch.ones(shape, **kw))
+    index = sample_categorical(probs)
+    assert (probs.gather(-1, index[:, None]) > 0).all()
+
+
+# ---- pieces -------------------------------------------------------------------------------------------------
+
+def test_nucleus_filter_by_hand():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = lambda p: (nucleus_filter(logits, p) > -math.inf)[0].tolist()  # noqa: E731
+    assert kept(0.75) == [True, True, False, False]  # 0.5 + 0.3 ≥ 0.75
+    assert kept(0.85) == [True, True, True, False]  # 0.5 + 0.3 < 0.85
+    assert kept(0.1) == [True, False, False, False]  # the top token always stays
+    assert torch.equal(nucleus_filter(logits, 0.85)[0, :3], logits[0, :3])
+
+
+def test_nucleus_filter_matches_transformers():
+    logits = torch.randn(8, 50, generator=torch.Generator().manual_seed(0)) * 2
+    for top_p in (0.3, 0.9):
+        reference = TopPLogitsWarper(top_p)(None, logits.clone())
+        assert torch.equal(nucleus_filter(logits, top_p) == -math.inf, reference == -math.inf)
+
+
+def test_survivor_order_fills_holes_from_the_tail():
+    finished = torch.tensor([False, True, False, True, False, False])
+    # 4 rows stay: rows 1 and 3 are free, rows 4 and 5 move into them
+    assert survivor_order(finished).tolist() == [0, 4, 2, 5]
+    assert survivor_order(torch.tensor([False, False, True])).tolist() == [0, 1]
+    assert survivor_order(torch.tensor([True, False, False])).tolist() == [2, 1]
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(temperature=0.0), "temperature"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(batch_size=0), "batch_size"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+])
+def test_bad_arguments_raise_user_errors(llama, tokenizer, kwargs, match):
+    kwargs = {"max_new_tokens": 4, **kwargs}
+    with pytest.raises(UserError, match=match):
+        fast_generate(llama, tokenizer, [[2, 3]], [0], [0], **kwargs)
+
+
+def test_mismatched_and_empty_inputs_raise_user_errors(llama, tokenizer):
+    with pytest.raises(UserError, match="group ids"):
+        fast_generate(llama, tokenizer, [[2, 3], [4]], [0, 1], [0], 4)
+    with pytest.raises(UserError, match="empty prompt"):
+        fast_generate(llama, tokenizer, [[2, 3], []], [0, 1], [0, 1], 4)

@@ -1,0 +1,466 @@
+"""Studies: grid expansion and naming, dry runs of the presets, resuming, the results table, findings and the report.
+
+Run directories are written by hand here in the engine's format (``config.yaml``, ``metrics.jsonl``,
+``summary.json``) with per-prompt scores chosen so that every expected number can be computed on paper.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import json
+import re
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from moalign.config import TrainConfig, dump_config
+from moalign.errors import UserError
+from moalign.study import findings, grid, runner
+from moalign.study.report import render_markdown, write_report
+from moalign.study.sft import SFTRecipe, sft_answer, sft_examples
+
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[1]
+MATH500 = REPO.parent / "shared" / "data" / "math500"
+OBJECTIVES = ["accuracy", "conciseness", "clarity"]
+
+
+def study_tree(**extra) -> dict:
+    tree = {"name": "t", "base": {"model": "tiny", "steps": 3, "weighting": {"name": "ctwa", "tau": 0.5}},
+            "grid": {"weighting": ["linear", "ctwa"], "seed": [0, 1]}}
+    tree.update(extra)
+    return tree
+
+
+def expand(tree: dict, overrides: list[str] | None = None, study_dir: Path = Path("s")) -> list[grid.PlannedRun]:
+    return grid.expand(grid.parse_study(grid.apply_overrides(tree, overrides or [])), study_dir)
+
+
+# ------------------------------------------------------------------------------------------------ grid
+
+
+def test_grid_expands_with_seeds_slowest_and_names_runs():
+    runs = expand(study_tree(), study_dir=Path("studies/t"))
+    assert [r.name for r in runs] == ["tiny__linear__grpo__s0", "tiny__ctwa__grpo__s0",
+                                      "tiny__linear__grpo__s1", "tiny__ctwa__grpo__s1"]
+    assert runs[0].run_dir == Path("studies/t/runs/tiny__linear__grpo__s0")
+    assert runs[1].factors == {"weighting": "ctwa", "seed": "0"}
+    # Switching the algorithm drops the base's parameters of another one; keeping it keeps them.
+    assert runs[0].config.weighting.params() == {}
+    assert runs[1].config.weighting.params() == {"tau": 0.5}
+
+
+def test_runs_differ_only_in_their_factors():
+    runs = expand(study_tree())
+    dumps = [r.config.model_dump(mode="json") for r in runs]
+    differing = {k for d in dumps for k in d if d[k] != dumps[0][k]}
+    assert differing == {"weighting", "seed", "run_dir"}
+
+
+def test_per_value_overrides_and_weighting_params_apply_only_where_the_value_is_taken():
+    tree = study_tree(grid={"weighting": ["linear", "ctwa"], "estimator": ["grpo", "reinforce_pp"]},
+                      weighting_params={"ctwa": {"lambda_lr": 0.07}},
+                      per_value={"estimator": {"reinforce_pp": {"loss.clip_eps_low": 100, "loss.dual_clip": 100}}})
+    runs = {r.name: r.config for r in expand(tree)}
+    assert set(runs) == {"tiny__linear__grpo__s0", "tiny__linear__reinforce_pp__s0", "tiny__ctwa__grpo__s0",
+                         "tiny__ctwa__reinforce_pp__s0"}
+    assert runs["tiny__ctwa__grpo__s0"].weighting.params() == {"tau": 0.5, "lambda_lr": 0.07}
+    assert runs["tiny__linear__grpo__s0"].weighting.params() == {}
+    assert (runs["tiny__ctwa__reinforce_pp__s0"].loss.clip_eps_low, runs["tiny__ctwa__reinforce_pp__s0"].loss.dual_clip
+            ) == (100, 100)
+    assert (runs["tiny__ctwa__grpo__s0"].loss.clip_eps_low, runs["tiny__ctwa__grpo__s0"].loss.dual_clip) == (0.2, 3.0)
+
+
+def test_other_varied_factors_are_named_and_names_are_sanitized():
+    tree = study_tree(grid={"model": ["Qwen/Qwen2.5-1.5B"], "objectives": [["accuracy", "clarity"], OBJECTIVES],
+                            "optim.lr": [1e-5]})
+    names = [r.name for r in expand(tree)]
+    # optim.lr has one value, so it is not in the name; the objectives set has two.
+    assert names == ["Qwen-Qwen2.5-1.5B__ctwa__grpo__s0__objectives-accuracy+clarity",
+                     "Qwen-Qwen2.5-1.5B__ctwa__grpo__s0__objectives-accuracy+conciseness+clarity"]
+    assert grid.sanitize("../a b/c") == "a-b-c"
+
+
+def test_command_line_overrides_set_the_base_or_the_study():
+    runs = expand(study_tree(), ["steps=7", "grid.seed=[5]", "rollout.group_size=2"])
+    assert [r.name for r in runs] == ["tiny__linear__grpo__s5", "tiny__ctwa__grpo__s5"]
+    assert all(r.config.steps == 7 and r.config.rollout.group_size == 2 for r in runs)
+
+
+@pytest.mark.parametrize("tree, message", [
+    (study_tree(grid={"weighting": ["linear", "nope"]}), "unknown weighting 'nope'"),
+    (study_tree(grid={"weighting": []}), "grid.weighting is empty"),
+    (study_tree(grid={"bogus": [1]}), "grid key 'bogus' is not a TrainConfig key"),
+    (study_tree(per_value={"weighting": {"cwta": {"steps": 1}}}), "cwta not among grid.weighting"),
+    (study_tree(per_value={"estimator": {"grpo": {"steps": 1}}}), "'estimator' is not a grid key"),
+    (study_tree(weighting_params={"ctwa": {"bogus": 1}}), "unknown parameter(s) bogus"),
+    (study_tree(grid={"model": ["a/b", "a-b"]}), "would share the directory"),
+])
+def test_bad_studies_fail_with_a_message_naming_the_problem(tree, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        expand(tree)
+
+
+# ------------------------------------------------------------------------------------------------ dry runs
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a dry run loaded a model")
+
+    monkeypatch.setattr("moalign.models.loading.load_model", refuse)
+    monkeypatch.setattr("moalign.models.load_model", refuse)
+
+
+@pytest.mark.parametrize("preset", ["quick", "smol", "paper"])
+def test_presets_validate_in_a_dry_run_without_loading_models(preset, tmp_path, no_model_loading, capsys):
+    overrides = []
+    if preset == "paper":
+        if not MATH500.is_dir():
+            pytest.skip(f"{MATH500} (the paper's MATH-500 split) is not here")
+        overrides = [f"data.path={MATH500}"]
+    out = tmp_path / preset
+    assert runner.run_study(preset, out_dir=out, dry_run=True, overrides=overrides) == out
+    assert not out.exists()  # a dry run writes nothing
+    printed = capsys.readouterr().out
+    _, _, runs = grid.load_study(preset, out, overrides)
+    assert f"{len(runs)} runs" in printed
+    if preset == "quick":
+        from moalign.weighting import WEIGHTINGS
+
+        assert {r.config.weighting.name for r in runs} == set(WEIGHTINGS.names())
+        assert len(runs) == 2 * len(WEIGHTINGS.names())
+    if preset == "paper":
+        assert "train 300, val 100, test 100" in printed
+        cfg = runs[0].config
+        assert (cfg.rollout.prompts_per_step, cfg.rollout.group_size, cfg.rollout.max_new_tokens, cfg.optim.lr,
+                cfg.optim.mini_batches, cfg.eval.every, cfg.steps) == (32, 16, 1024, 1e-6, 2, 5, 810)
+        for r in runs:
+            eps = 100 if r.config.estimator.name == "reinforce_pp" else 0.2
+            assert r.config.loss.clip_eps_low == r.config.loss.clip_eps_high == eps
+
+
+def test_dry_run_reports_missing_data():
+    with pytest.raises(UserError, match="folder not found"):
+        runner.run_study("paper", dry_run=True, overrides=["data.path=/does/not/exist"])
+
+
+# ------------------------------------------------------------------------------------------------ synthetic runs
+
+
+def objective_curves(start: np.ndarray, end: np.ndarray, num_evals: int) -> list[np.ndarray]:
+    """Per-prompt scores at ``num_evals`` evaluations moving from ``start`` to ``end`` one block of prompts at a time."""
+    changed = np.flatnonzero(start != end)
+    rows = []
+    for t in range(num_evals):
+        row = start.copy()
+        k = round(len(changed) * t / (num_evals - 1))
+        row[changed[:k]] = end[changed[:k]]
+        rows.append(row)
+    return rows
+
+
+def tiny_config(weighting: str, seed: int, steps: int = 4, eval_every: int = 2, **extra) -> TrainConfig:
+    return TrainConfig(model={"name": "tiny"}, weighting={"name": weighting}, seed=seed, steps=steps,
+                       eval={"every": eval_every}, **extra)
+
+
+def write_run(run_dir: Path, cfg: TrainConfig, curves: dict[str, tuple[np.ndarray, np.ndarray]],
+              score_gain: float = 0.5, law: dict[str, list[float]] | None = None, step_s: float = 1.0,
+              finished: bool = True) -> None:
+    """A run directory in the engine's format for ``cfg``: val evaluated at step 0, every ``cfg.eval.every`` steps and
+    at the end, test at 0 and at the end; ``curves[objective] = (start, end)`` per-prompt scores (val and test alike).
+    ``config.yaml`` is written unless the directory already has one (the runner writes it before training)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg = cfg.model_copy(update={"objectives": list(curves), "run_dir": str(run_dir)})
+    if not (run_dir / "config.yaml").is_file():
+        (run_dir / "config.yaml").write_text(dump_config(cfg))
+    steps = cfg.steps
+    eval_steps = sorted({0, *range(cfg.eval.every or steps, steps, cfg.eval.every or steps), steps})
+    per_eval = {o: objective_curves(s, e, len(eval_steps)) for o, (s, e) in curves.items()}
+    lines = []
+    for t, step in enumerate(eval_steps):
+        record = {"step": step}
+        for split in ("val", "test") if step in (0, steps) else ("val",):
+            for o in curves:
+                record[f"eval/{split}/{o}/mean"] = float(per_eval[o][t].mean())
+                record[f"eval/{split}/{o}/per_prompt"] = per_eval[o][t].tolist()
+        lines.append(record)
+    for step in range(1, steps + 1):
+        record = {"step": step, "train/score/mean": score_gain * step / steps, "perf/step_s": step_s,
+                  "time/sample_s": step_s / 2}
+        for j, o in enumerate(curves):
+            record[f"weight/{o}"] = 1.0 / len(curves) + 0.01 * j * step
+            record[f"train/{o}/mean"] = (law or {}).get(f"train/{o}", [0.0] * (steps + 1))[step]
+            if law and f"law/{o}" in law:
+                record[f"law/cov/{o}"] = law[f"law/{o}"][step]
+        lines.append(record)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    if finished:
+        (run_dir / "summary.json").write_text(json.dumps({"steps": steps}))
+
+
+N = 20  # evaluation prompts
+ZEROS, ONES = np.zeros(N), np.ones(N)
+HALF = np.array([1.0] * 10 + [0.0] * 10)
+# linear: accuracy 0.5 -> 0.8 (6 prompts solved), clarity 0.5 -> 0.1 (8 prompts lost); conciseness flat at 0.5.
+# ctwa: accuracy 0.5 -> 0.9, clarity 0.5 -> 0.6, conciseness 0.5 -> 0.6: dominates linear, nothing degrades.
+LINEAR = {"accuracy": (HALF, np.array([1.0] * 16 + [0.0] * 4)), "conciseness": (HALF, HALF),
+          "clarity": (HALF, np.array([1.0] * 2 + [0.0] * 18))}
+CTWA = {"accuracy": (HALF, np.array([1.0] * 18 + [0.0] * 2)), "conciseness": (HALF, np.array([1.0] * 12 + [0.0] * 8)),
+        "clarity": (HALF, np.array([1.0] * 12 + [0.0] * 8))}
+
+
+@pytest.fixture
+def study_dir(tmp_path) -> Path:
+    """Two algorithms × two seeds, identical seeds (so the t-intervals collapse to the point), plus one run that
+    never finished."""
+    root = tmp_path / "study"
+    for seed in (0, 1):
+        write_run(root / "runs" / f"tiny__linear__grpo__s{seed}", tiny_config("linear", seed), LINEAR, step_s=1.0)
+        write_run(root / "runs" / f"tiny__ctwa__grpo__s{seed}", tiny_config("ctwa", seed), CTWA, step_s=1.5)
+    write_run(root / "runs" / "tiny__mgda__grpo__s0", tiny_config("mgda", 0), LINEAR, finished=False)
+    (root / "study.yaml").write_text(yaml.safe_dump({"name": "synthetic"}))
+    return root
+
+
+def test_results_table_has_one_row_per_run_split_step_and_objective(study_dir):
+    loaded = findings.load_study(study_dir)
+    assert [name for name, _ in loaded.skipped] == ["tiny__mgda__grpo__s0"]
+    table = findings.results_table(loaded.runs, loaded.name)
+    assert list(table.columns) == findings.RESULT_COLUMNS
+    # per run: val at steps 0, 2, 4 and test at 0, 4 -> 5 evaluations × 3 objectives
+    assert len(table) == 4 * 5 * 3
+    row = table[(table.run == "tiny__linear__grpo__s1") & (table.split == "test") & (table.objective == "clarity")]
+    assert row.step.tolist() == [0, 4] and row.value.tolist() == pytest.approx([0.5, 0.1])
+    middle = table[(table.run == "tiny__linear__grpo__s0") & (table.step == 2) & (table.objective == "accuracy")]
+    assert middle.split.tolist() == ["val"] and middle.value.tolist() == pytest.approx([0.65])  # 3 of 6 solved
+    assert set(table.algorithm) == {"linear", "ctwa"} and set(table.seed) == {0, 1}
+    assert set(table.study) == {"synthetic"} and set(table.objective_set) == {"accuracy+conciseness+clarity"}
+
+
+def test_findings_on_hand_built_runs(study_dir):
+    f = findings.Findings(findings.load_study(study_dir))
+    assert (f.split, f.selection_split) == ("test", "val")
+    by_algorithm = {c.label: c for c in f.configs}
+    linear = by_algorithm["linear"].reports["test"]
+    assert [round(ch.change, 6) for ch in linear.changes] == [0.3, 0.0, -0.4]
+    assert linear.degraded_objectives == ["clarity"] and linear.interference is True
+    assert by_algorithm["ctwa"].reports["test"].interference is False
+    assert findings.interference_rates(f.runs, "test", "algorithm") == {"linear": (2, 2), "ctwa": (0, 2)}
+
+    (pareto,) = f.pareto.values()
+    assert [c.label for c, on in zip(pareto.configs, pareto.on_front) if on] == ["ctwa"]
+    # ctwa's end (0.9, 0.6, 0.6) dominates linear's, so the set's volume is ctwa's box over the start (0.5, 0.5, 0.5)
+    assert pareto.hypervolume == pytest.approx(0.4 * 0.1 * 0.1)
+    assert pareto.start == pytest.approx([0.5, 0.5, 0.5])
+
+    (finding,) = f.findings()
+    assert finding.head.startswith("**tiny** (grpo; objectives accuracy+conciseness+clarity; test split; 2 seed(s)")
+    assert [c.split(",")[0] for c in finding.clauses] == ["under linear", "under ctwa"]  # the baseline first
+    text = " ".join([*finding.clauses, finding.summary])
+    # identical seeds: the t-interval over seeds has zero width
+    assert "under linear, clarity degrades by 0.400 [CI −0.400, −0.400] while accuracy rises by 0.300" in text
+    assert "interference in 2 of 2 runs" in text and "interference in 0 of 2 runs" in text
+    assert "Chosen on val by hypervolume: ctwa" in text
+
+
+def test_cost_rows_average_step_seconds(study_dir):
+    rows = {r["algorithm"]: r for r in findings.cost_rows(findings.load_study(study_dir).runs)}
+    assert rows["linear"]["perf/step_s"] == 1.0 and rows["ctwa"]["perf/step_s"] == 1.5
+    assert rows["ctwa"]["time/sample_s"] == 0.75 and rows["ctwa"]["runs"] == 2
+
+
+def test_law_agreement_counts_sign_matches_with_the_next_step_change(tmp_path):
+    # train means 0.1, 0.3, 0.2, 0.2, 0.5 at steps 0..4 -> changes after steps 1, 2, 3: -0.1, 0.0, +0.3
+    # predicted at steps 1, 2, 3: +1 (disagrees), -1 (observed 0: left out), +2 (agrees); step 4 has no next step
+    law = {"train/accuracy": [0.1, 0.3, 0.2, 0.2, 0.5], "law/accuracy": [0, 1.0, -1.0, 2.0, 5.0]}
+    write_run(tmp_path / "r", tiny_config("ctwa", 0), {"accuracy": (HALF, ONES)}, law=law)
+    run = findings.load_study(tmp_path / "r").runs[0]
+    assert findings.law_agreement(run) == (1, 2)
+    assert findings.law_rows([run]) == [{"algorithm": "ctwa", "agree": 1, "steps": 2, "rate": 0.5}]
+    write_run(tmp_path / "plain", tiny_config("ctwa", 0), {"accuracy": (HALF, ONES)})
+    assert findings.law_rows(findings.load_study(tmp_path / "plain").runs) == []
+
+
+def test_pareto_front_and_hypervolume_by_hand():
+    points = np.array([[0.6, 0.2], [0.2, 0.6], [0.1, 0.1], [0.6, 0.1]])
+    assert findings.pareto_front(points).tolist() == [True, True, False, False]
+    # union of the boxes [0, .6]×[0, .2] and [0, .2]×[0, .6] above the reference (0, 0): 0.12 + 0.12 − 0.04
+    assert findings.front_hypervolume(np.zeros(2), points) == pytest.approx(0.20)
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def embedded_pngs(html: str) -> list[bytes]:
+    return [base64.b64decode(m) for m in re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", html)]
+
+
+def test_report_of_a_study_embeds_figures_and_tables(study_dir, tmp_path):
+    path = write_report(study_dir, out=tmp_path / "rep")
+    html = path.read_text()
+    pngs = embedded_pngs(html)
+    assert len(pngs) == 4 and all(p.startswith(b"\x89PNG") for p in pngs)  # curves, weights, Pareto, cost
+    for section in ("Findings", "Evaluation curves", "Per-objective change", "Interference rate",
+                    "Weight trajectories", "Pareto front", "Cost", "Runs not included"):
+        assert f"<h2>{section}</h2>" in html
+    assert "Covariance-law agreement" not in html  # no law/ metrics logged: the section is skipped
+    assert "DEGRADES" in html and "tiny__mgda__grpo__s0" in html and "2/2 (100%)" in html
+    markdown = (tmp_path / "rep" / "report.md").read_text()
+    linked = re.findall(r"\]\((figures/[^)]+\.png)\)", markdown)
+    assert len(linked) == 4 and all((tmp_path / "rep" / p).is_file() for p in linked)
+
+
+def test_report_of_a_single_run(tmp_path):
+    write_run(tmp_path / "run", tiny_config("linear", 0), LINEAR, finished=False)
+    html = write_report(tmp_path / "run").read_text()
+    assert (tmp_path / "run" / "report" / "report.md").is_file()
+    assert "1 run(s) in 1 configuration(s)" in html and len(embedded_pngs(html)) >= 2
+    assert "under linear, clarity degrades by 0.400" in html
+
+
+def test_markdown_tables_escape_pipes():
+    from moalign.study.report import Table
+
+    md = render_markdown("t", [Table(["a", "b"], [["x|y", "1"]])])
+    assert "| x\\|y | 1 |" in md
+
+
+def test_report_needs_a_run_or_study_directory(tmp_path):
+    with pytest.raises(UserError, match="neither a study directory"):
+        write_report(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------ runner
+
+
+def fake_trainer(calls: list, fail: set[str] = frozenset(), interrupt: set[str] = frozenset()) -> Callable:
+    """A training function that logs its calls and writes a finished synthetic run (or fails / is interrupted)."""
+    def train(cfg: TrainConfig, run_dir: Path, resume: bool, on_step) -> dict:
+        calls.append((run_dir.name, resume))
+        if run_dir.name in fail:
+            raise RuntimeError("boom")
+        if run_dir.name in interrupt:
+            raise KeyboardInterrupt
+        for step in range(1, cfg.steps + 1):
+            on_step(step)
+        write_run(run_dir, cfg, LINEAR if cfg.weighting.name == "linear" else CTWA)
+        return {}
+
+    return train
+
+
+def write_study_file(tmp_path: Path, **extra) -> Path:
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study_tree(**extra)))
+    return path
+
+
+def runs_csv(study: Path) -> dict[str, dict]:
+    with (study / "runs.csv").open() as f:
+        return {row["run"]: row for row in csv.DictReader(f)}
+
+
+def test_runner_skips_finished_runs_resumes_checkpointed_ones_and_starts_the_rest(tmp_path):
+    config = write_study_file(tmp_path)
+    out = tmp_path / "out"
+    _, _, planned = grid.load_study(config, out)
+    done, resumable = planned[0], planned[1]
+    write_run(done.run_dir, done.config, LINEAR)
+    before = (done.run_dir / "metrics.jsonl").read_bytes()
+    (resumable.run_dir / "checkpoints").mkdir(parents=True)
+    (resumable.run_dir / "checkpoints" / "step_0000002.pt").write_bytes(b"")
+    assert [runner.plan_run(r.run_dir) for r in planned] == ["done", "resume", "start", "start"]
+    assert runner.checkpoint_step(resumable.run_dir) == 2
+
+    calls = []
+    runner.run_study(config, out_dir=out, train_fn=fake_trainer(calls))
+    assert calls == [("tiny__ctwa__grpo__s0", True), ("tiny__linear__grpo__s1", False), ("tiny__ctwa__grpo__s1", False)]
+    assert (done.run_dir / "metrics.jsonl").read_bytes() == before  # a finished run is never touched
+    assert {name: row["status"] for name, row in runs_csv(out).items()} == {r.name: "done" for r in planned}
+    table = pd.read_parquet(out / "results.parquet")
+    assert len(table) == 4 * 4 * 3  # 4 runs; val and test at steps 0 and 3 (eval.every = 0); 3 objectives
+    assert pd.read_csv(out / "results.csv").shape == table.shape
+    resolved = yaml.safe_load((out / "study.yaml").read_text())
+    assert [r["name"] for r in resolved["runs"]] == [r.name for r in planned]
+
+    calls.clear()
+    runner.run_study(config, out_dir=out, train_fn=fake_trainer(calls))
+    assert calls == []  # everything is done: nothing runs again
+
+
+def test_runner_records_failures_and_goes_on(tmp_path):
+    config = write_study_file(tmp_path)
+    out = tmp_path / "out"
+    calls = []
+    with pytest.raises(UserError, match=r"1 run\(s\) failed: tiny__linear__grpo__s0"):
+        runner.run_study(config, out_dir=out, train_fn=fake_trainer(calls, fail={"tiny__linear__grpo__s0"}))
+    assert len(calls) == 4
+    rows = runs_csv(out)
+    assert rows["tiny__linear__grpo__s0"]["status"] == "failed" and rows["tiny__linear__grpo__s0"]["error"] == "boom"
+    assert "RuntimeError: boom" in (out / "runs" / "tiny__linear__grpo__s0" / "error.txt").read_text()
+    assert [rows[n]["status"] for n in rows if n != "tiny__linear__grpo__s0"] == ["done"] * 3
+    calls.clear()
+    runner.run_study(config, out_dir=out, train_fn=fake_trainer(calls))  # the retry runs only the failed run
+    assert calls == [("tiny__linear__grpo__s0", False)]
+    assert not (out / "runs" / "tiny__linear__grpo__s0" / "error.txt").exists()
+
+
+def test_an_interrupted_study_says_so_in_runs_csv(tmp_path):
+    config = write_study_file(tmp_path)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt, match="run the same `moalign study` command again"):
+        runner.run_study(config, out_dir=out, train_fn=fake_trainer([], interrupt={"tiny__ctwa__grpo__s0"}))
+    statuses = {n: r["status"] for n, r in runs_csv(out).items()}
+    assert statuses == {"tiny__linear__grpo__s0": "done", "tiny__ctwa__grpo__s0": "interrupted",
+                        "tiny__linear__grpo__s1": "pending", "tiny__ctwa__grpo__s1": "pending"}
+
+
+def test_a_run_dir_from_a_different_config_stops_the_study_before_anything_runs(tmp_path):
+    config = write_study_file(tmp_path)
+    out = tmp_path / "out"
+    _, _, planned = grid.load_study(config, out, ["steps=9"])
+    planned[2].run_dir.mkdir(parents=True)
+    (planned[2].run_dir / "config.yaml").write_text(dump_config(planned[2].config))
+    calls = []
+    with pytest.raises(UserError, match="different config .*steps"):
+        runner.run_study(config, out_dir=out, train_fn=fake_trainer(calls))
+    assert calls == []
+    # threads, logging and the run directory do not count as a different config
+    _, _, same = grid.load_study(config, out, ["threads=3", "log.progress=false"])
+    (planned[2].run_dir / "config.yaml").write_text(dump_config(same[2].config))
+    runner.run_study(config, out_dir=out, train_fn=fake_trainer(calls))
+    assert len(calls) == 4
+
+
+# ------------------------------------------------------------------------------------------------ SFT data
+
+
+def test_sft_answers_earn_accuracy_and_clarity():
+    from moalign.data.arithmetic import generate_problems
+    from moalign.objectives import ScoringBatch, load_objective
+
+    problems = generate_problems(1, 4, 0, "train") + generate_problems(2, 4, 0, "train")
+    answers = [sft_answer(p) for p in problems]
+    assert answers[-1].splitlines()[-1] == f"Step 3: The answer is \\boxed{{{problems[-1].answer}}}."
+    batch = ScoringBatch.from_lists(["q"] * 8, answers, [str(p.answer) for p in problems], [30] * 8)
+    for name in ("accuracy", "clarity"):
+        assert load_objective(name).score(batch).values.tolist() == [1.0] * 8
+
+
+def test_sft_examples_come_from_the_train_split():
+    from moalign.data.arithmetic import split_of
+    from moalign.data.base import DEFAULT_PROMPT_SUFFIX
+
+    prompts, answers = sft_examples(SFTRecipe(problems=((1, 5), (2, 3))))
+    assert len(prompts) == len(answers) == 8
+    assert all(split_of(p.removesuffix(DEFAULT_PROMPT_SUFFIX)) == "train" for p in prompts)
