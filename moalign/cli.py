@@ -131,17 +131,18 @@ def print_summary(summary: dict, run_dir: Path) -> None:
 
 
 def cmd_algorithms(args) -> int:
-    from rich.table import Table
-
     from moalign.weighting import WEIGHTINGS
 
-    table = Table(title="moalign weightings", show_lines=True)
-    for col in ("name", "family", "description", "hyperparameters (defaults)", "extra cost per step"):
-        table.add_column(col, overflow="fold")
-    for name, cls in WEIGHTINGS.items():
-        hp = ", ".join(f"{k}={f.default!r}" for k, f in cls.Params.model_fields.items())
-        table.add_row(name, cls.family, cls.description, hp or "-", cls.cost)
-    _console().print(table)
+    console = _console()
+    for family in ("reward", "advantage", "gradient"):
+        console.print(f"\n[bold underline]{family}-level[/]")
+        for name, cls in WEIGHTINGS.items():
+            if cls.family != family:
+                continue
+            console.print(f"[bold cyan]{name}[/] — {cls.description}")
+            hp = ", ".join(f"{k}={f.default!r}" for k, f in cls.Params.model_fields.items())
+            console.print(f"    hyperparameters: {hp or '(none)'}", highlight=False)
+            console.print(f"    extra cost per step: {cls.cost}", highlight=False)
     return 0
 
 

@@ -185,12 +185,12 @@ class Trainer:
         with timer("advantages"):
             if w.family == "gradient":
                 per_obj = per_objective_advantages(scored.rewards, rollout.group_ids, self.estimator, mask)
-                advantages = per_obj @ w.weights.to(per_obj.dtype)
+                advantages = per_obj @ w.weights.to(per_obj.dtype)  # logged; the update uses per_obj
             else:
                 per_obj = None
                 advantages = w.advantages(scored.rewards, rollout.group_ids, self.estimator, mask)
             scores = (w.scalarize(scored.rewards, rollout.group_ids) if w.family == "reward"
-                      else torch.nan_to_num(scored.rewards) @ w.weights)
+                      else torch.nan_to_num(scored.rewards) @ w.weights.to(scored.rewards.dtype))
         stats = StepStats(self.step_idx, scored.rewards, rollout.group_ids, scores, advantages.float(), mask, old_lp,
                           None, cfg.loss.clip_eps_low, cfg.loss.clip_eps_high)
         with timer("update"):

@@ -54,7 +54,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 from accelerate.utils import broadcast_object_list, gather, gather_object, pad_across_processes
 from pydantic import ValidationError
-from transformers import TrainerCallback
+from transformers import PrinterCallback, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from trl import GRPOConfig, GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
@@ -73,6 +73,7 @@ logger = logging.getLogger(__name__)
 
 TRL_VERSION = "1.16.0"  # the hooks below were read against this release
 STATE_FILE = "moalign_state.pt"  # weighting + objective state, inside each TRL checkpoint folder
+RUN_FILE = "moalign_run.json"  # train_with_trl: length of metrics.jsonl at the checkpoint
 SAMPLE_INDEX = "moalign_sample_index"  # per-row key added to TRL's batch: the row's index in the gathered batch
 SUPPORTED_FAMILIES = ("reward", "advantage")
 
@@ -535,7 +536,7 @@ def plan_trl_run(cfg: TrainConfig, output_dir: Path, num_processes: int, use_cpu
         max_grad_norm=o.grad_clip, optim="adamw_torch", lr_scheduler_type="constant", warmup_steps=0,
         logging_strategy="steps", logging_steps=optimizer_steps, save_strategy="steps",
         save_steps=(cfg.checkpoint.every or cfg.steps) * optimizer_steps, save_total_limit=cfg.checkpoint.keep,
-        report_to="none", disable_tqdm=not cfg.log.progress, gradient_checkpointing=False, log_completions=False,
+        report_to="none", disable_tqdm=not cfg.log.progress, activation_checkpointing=False, log_completions=False,
         use_cpu=use_cpu, bf16=on_gpu and cfg.model.dtype == "bfloat16", fp16=on_gpu and cfg.model.dtype == "float16",
         dataloader_num_workers=0, remove_unused_columns=False)
     return TRLPlan(arguments, optimizer_steps, notes)
@@ -614,10 +615,10 @@ class RunDirRecorder(TrainerCallback):
 
     def __init__(self, trainer: MultiObjectiveGRPOTrainer, writer: Optional[MetricsWriter],
                  evaluate: Optional[HeldOutEvaluation], optimizer_steps_per_step: int, cfg: TrainConfig,
-                 resumed_step: int):
+                 resumed: bool):
         self.trainer, self.writer, self.evaluate = trainer, writer, evaluate
         self.k, self.cfg = optimizer_steps_per_step, cfg
-        self.started = resumed_step > 0
+        self.started = resumed  # the start evaluation is already in metrics.jsonl
         self.pending: dict[str, Any] = {}
         self.step_started = time.perf_counter()
         self.eval_seconds = 0.0
@@ -656,6 +657,17 @@ class RunDirRecorder(TrainerCallback):
         self.pending = {}
         self.writer.write(record)
 
+    def on_save(self, args, state, control, **kwargs):
+        if self.writer is not None:  # TRL saves right after logging the step: the offset covers its line
+            folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            (folder / RUN_FILE).write_text(json.dumps({"metrics_offset": self.writer.offset()}))
+
+    @staticmethod
+    def metrics_offset(checkpoint: Optional[str]) -> int:
+        """Byte length of metrics.jsonl when ``checkpoint`` was saved (0: start over)."""
+        path = Path(checkpoint) / RUN_FILE if checkpoint else None
+        return json.loads(path.read_text())["metrics_offset"] if path is not None and path.is_file() else 0
+
 
 def train_with_trl(cfg: TrainConfig, run_dir: Union[str, Path]) -> dict[str, Any]:
     """Run ``cfg`` on TRL (``engine=trl``); returns the summary (also written to ``run_dir/summary.json``).
@@ -686,8 +698,9 @@ def train_with_trl(cfg: TrainConfig, run_dir: Union[str, Path]) -> dict[str, Any
     args = GRPOConfig(**plan.arguments)
     args.distributed_state.wait_for_everyone()  # a launcher's main process may still be preparing run_dir
     is_main = args.process_index == 0
-    for note in plan.notes:
-        if is_main:
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for note in plan.notes:
             print(f"engine=trl: {note}", file=sys.stderr)
 
     dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": ex.prompt}] for ex in splits["train"]],
@@ -696,7 +709,6 @@ def train_with_trl(cfg: TrainConfig, run_dir: Union[str, Path]) -> dict[str, Any
                                         processing_class=tokenizer, weighting=cfg.weighting.name,
                                         weighting_params=cfg.weighting.params(), estimator=cfg.estimator.name)
     resume = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
-    resumed_step = int(resume.rsplit("-", 1)[1]) // plan.optimizer_steps_per_step if resume else 0
 
     sharded = trainer.is_fsdp_enabled or (trainer.is_deepspeed_enabled
                                           and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3)
@@ -707,8 +719,11 @@ def train_with_trl(cfg: TrainConfig, run_dir: Union[str, Path]) -> dict[str, Any
     if is_main:
         writer = MetricsWriter(run_dir / "metrics.jsonl", cfg.log.tensorboard, cfg.log.wandb, cfg.log.mlflow,
                                run_name=run_dir.name, config=cfg.model_dump(mode="json"))
-        writer.truncate(offset_after_step(run_dir / "metrics.jsonl", resumed_step))
-    trainer.add_callback(RunDirRecorder(trainer, writer, evaluate, plan.optimizer_steps_per_step, cfg, resumed_step))
+        writer.truncate(RunDirRecorder.metrics_offset(resume))  # lines after the checkpoint are written again
+    trainer.add_callback(RunDirRecorder(trainer, writer, evaluate, plan.optimizer_steps_per_step, cfg,
+                                        resumed=resume is not None))
+    if not cfg.log.progress:
+        trainer.remove_callback(PrinterCallback)  # HF prints every log dict when its progress bar is off
     trainer.train(resume_from_checkpoint=resume)
 
     if writer is not None and evaluate is not None:
@@ -726,22 +741,6 @@ def train_with_trl(cfg: TrainConfig, run_dir: Union[str, Path]) -> dict[str, Any
         summary["eval"] = eval_change_table(read_metrics(run_dir / "metrics.jsonl"), trainer.objective_names)
         _write_summary(run_dir, summary)
     return summary
-
-
-def offset_after_step(path: Path, step: int) -> int:
-    """Byte offset of ``metrics.jsonl`` just after its lines of steps ≤ ``step``: what a run resumed from the
-    checkpoint of ``step`` keeps (0 when it starts over)."""
-    if step == 0 or not path.exists():
-        return 0
-    offset = 0
-    for line in path.read_bytes().splitlines(keepends=True):
-        try:
-            if json.loads(line).get("step", 0) > step:
-                break
-        except ValueError:  # a torn last line
-            break
-        offset += len(line)
-    return offset
 
 
 def eval_change_table(records: list[dict[str, Any]], objectives: Sequence[str]) -> dict[str, dict[str, Any]]:

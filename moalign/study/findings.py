@@ -381,7 +381,9 @@ def finding_for(pareto: ParetoSet, key: tuple[str, str, str], split: str, select
         hv = [c.reports[selection_split].hypervolume for c in selection.configs]
         best = selection.configs[int(np.argmax(hv))]
         summary += (f"Chosen on {selection_split} by hypervolume: {best.label} (HV {max(hv):.4f}); on {split} its "
-                    f"hypervolume is {best.reports[split].hypervolume:.4f}. ")
+                    f"hypervolume is {best.reports[split].hypervolume:.4f}. " if max(hv) > 0 else
+                    f"No algorithm improves every objective on {selection_split} (every hypervolume is 0), so none is "
+                    f"chosen. ")
     on_front = [c.label for c, on in zip(pareto.configs, pareto.on_front) if on]
     summary += f"Pareto front on {split}: {', '.join(on_front)} (hypervolume of the set {pareto.hypervolume:.4f})."
     return Finding(head, clauses, summary)
