@@ -23,7 +23,16 @@ def _console():
 # ------------------------------------------------------------------------------------------------ train
 
 
+def write_atomically(path: Path, text: str) -> None:
+    """Write through a temporary file and a rename: a crash leaves the old file or the new one, never a torn one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    if resume and overwrite:
+        raise UserError("--resume continues a run and --overwrite replaces it: pass only one of them")
     if run_dir.exists() and any(run_dir.iterdir()):
         if overwrite:
             import shutil
@@ -42,7 +51,8 @@ def resolve_train_config(args):
     if args.resume:
         cfg_path = Path(args.resume) / "config.yaml"
         if not cfg_path.is_file():
-            raise UserError(f"--resume {args.resume}: no config.yaml there (is it a moalign run directory?)")
+            raise UserError(f"--resume {args.resume}: no config.yaml there (not a moalign run directory, or a run "
+                            f"stopped before it started: start it again without --resume)")
         base = load_yaml(cfg_path)
     elif args.config:
         base = load_yaml(args.config)
@@ -55,20 +65,31 @@ def resolve_train_config(args):
 
 
 def cmd_train(args) -> int:
-    from moalign.config import dump_config
+    from moalign.engine.trainer import load_objectives_and_weighting
 
     cfg = resolve_train_config(args)
     run_dir = Path(cfg.run_dir)
+    if args.resume and (run_dir / "summary.json").is_file():
+        print_summary(json.loads((run_dir / "summary.json").read_text()), run_dir)
+        _console().print(f"{run_dir} is already complete (it has summary.json): nothing to resume")
+        return 0
+    load_objectives_and_weighting(cfg)  # objective and weighting errors before a model loads or run_dir is touched
     prepare_run_dir(run_dir, bool(args.resume), args.overwrite)
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
     if cfg.engine == "trl":
         from moalign.integrations.trl import train_with_trl
 
+        write_config(run_dir, cfg)
         summary = train_with_trl(cfg, run_dir)
     else:
         summary = train_native(cfg, run_dir, resume=bool(args.resume))
     print_summary(summary, run_dir)
     return 0
+
+
+def write_config(run_dir: Path, cfg) -> None:
+    from moalign.config import dump_config
+
+    write_atomically(run_dir / "config.yaml", dump_config(cfg))
 
 
 def train_native(cfg, run_dir: Path, resume: bool = False) -> dict:
@@ -79,7 +100,13 @@ def train_native(cfg, run_dir: Path, resume: bool = False) -> dict:
     console = _console()
     console.print(f"[bold]moalign train[/]: model={cfg.model.name} weighting={cfg.weighting.name} "
                   f"estimator={cfg.estimator.name} steps={cfg.steps} → {run_dir}")
-    trainer = Trainer(cfg, run_dir, resume=resume)
+    write_config(run_dir, cfg)  # first: a run killed at any later moment can be resumed
+    try:
+        trainer = Trainer(cfg, run_dir, resume=resume)
+    except UserError:
+        if not resume:  # a start that fails on its input leaves an empty directory, which a new start may reuse
+            (run_dir / "config.yaml").unlink()
+        raise
     bar = tqdm(total=cfg.steps, initial=trainer.step_idx, desc="training", unit="step", dynamic_ncols=True,
                disable=not cfg.log.progress)
 
@@ -103,9 +130,7 @@ def _write_summary(run_dir: Path, summary: dict) -> None:
         summary["interference"] = interference_summary(run_dir)
     except (ImportError, UserError) as exc:
         summary["interference"] = {"error": str(exc)}
-    tmp = run_dir / ".summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, default=float))
-    os.replace(tmp, run_dir / "summary.json")
+    write_atomically(run_dir / "summary.json", json.dumps(summary, indent=2, default=float))
 
 
 def print_summary(summary: dict, run_dir: Path) -> None:

@@ -36,6 +36,8 @@ class ModelConfig(Section):
     train_last_k_layers: Optional[int] = Field(None, ge=1, description="train only the last k transformer blocks")
     lora: Optional[LoRAConfig] = None
     revision: Optional[str] = None
+    system_prompt: Optional[str] = Field(None, description="system message before every prompt; None: the model's "
+                                         "default (a one-shot answer-format example for smollm2-135m), '' for none")
 
 
 class RolloutConfig(Section):

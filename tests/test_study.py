@@ -199,9 +199,10 @@ def write_run(run_dir: Path, cfg: TrainConfig, curves: dict[str, tuple[np.ndarra
                   "time/sample_s": step_s / 2}
         for j, o in enumerate(curves):
             record[f"weight/{o}"] = 1.0 / len(curves) + 0.01 * j * step
-            record[f"train/{o}/mean"] = (law or {}).get(f"train/{o}", [0.0] * (steps + 1))[step]
-            if law and f"law/{o}" in law:
-                record[f"law/cov/{o}"] = law[f"law/{o}"][step]
+            record[f"train/{o}/mean"] = 0.5
+        for key, values in (law or {}).items():  # e.g. law["cov_w/accuracy"][step - 1] -> law/cov_w/accuracy
+            if values[step - 1] is not None:
+                record[f"law/{key}"] = values[step - 1]
         lines.append(record)
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     if finished:
@@ -279,14 +280,24 @@ def test_cost_rows_average_step_seconds(study_dir):
     assert rows["ctwa"]["time/sample_s"] == 0.75 and rows["ctwa"]["runs"] == 2
 
 
-def test_law_agreement_counts_sign_matches_with_the_next_step_change(tmp_path):
-    # train means 0.1, 0.3, 0.2, 0.2, 0.5 at steps 0..4 -> changes after steps 1, 2, 3: -0.1, 0.0, +0.3
-    # predicted at steps 1, 2, 3: +1 (disagrees), -1 (observed 0: left out), +2 (agrees); step 4 has no next step
-    law = {"train/accuracy": [0.1, 0.3, 0.2, 0.2, 0.5], "law/accuracy": [0, 1.0, -1.0, 2.0, 5.0]}
+def test_law_agreement_pools_predicted_and_realised_changes(tmp_path):
+    # steps 1..4: (predicted, realised) = (1, −0.1) disagree, (−1, 0) left out of the sign count, (2, 0.3) agree,
+    # (0.5, 0.2) agree -> 2 of 3; step 4 of the second run has only the clipping-free prediction cov_s.
+    law = {"cov_w/accuracy": [1.0, -1.0, 2.0, 0.5], "realised/accuracy": [-0.1, 0.0, 0.3, 0.2]}
     write_run(tmp_path / "r", tiny_config("ctwa", 0), {"accuracy": (HALF, ONES)}, law=law)
     run = findings.load_study(tmp_path / "r").runs[0]
-    assert findings.law_agreement(run) == (1, 2)
-    assert findings.law_rows([run]) == [{"algorithm": "ctwa", "agree": 1, "steps": 2, "rate": 0.5}]
+    assert findings.law_pairs(run) == ([1.0, -1.0, 2.0, 0.5], [-0.1, 0.0, 0.3, 0.2])
+    (row,) = findings.law_rows([run])
+    assert (row["algorithm"], row["pairs"], row["sign_agreement"]) == ("ctwa", 3, pytest.approx(2 / 3))
+    assert row["correlation"] == pytest.approx(np.corrcoef([1, -1, 2, 0.5], [-0.1, 0, 0.3, 0.2])[0, 1])
+
+    fallback = {"cov_s/accuracy": [None, None, None, -3.0], "realised/accuracy": [None, None, None, 0.4]}
+    write_run(tmp_path / "s", tiny_config("ctwa", 1), {"accuracy": (HALF, ONES)}, law=fallback)
+    other = findings.load_study(tmp_path / "s").runs[0]
+    assert findings.law_pairs(other) == ([-3.0], [0.4])
+    (pooled,) = findings.law_rows([run, other])
+    assert (pooled["pairs"], pooled["sign_agreement"]) == (4, pytest.approx(2 / 4))
+
     write_run(tmp_path / "plain", tiny_config("ctwa", 0), {"accuracy": (HALF, ONES)})
     assert findings.law_rows(findings.load_study(tmp_path / "plain").runs) == []
 
@@ -464,3 +475,41 @@ def test_sft_examples_come_from_the_train_split():
     prompts, answers = sft_examples(SFTRecipe(problems=((1, 5), (2, 3))))
     assert len(prompts) == len(answers) == 8
     assert all(split_of(p.removesuffix(DEFAULT_PROMPT_SUFFIX)) == "train" for p in prompts)
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+
+
+def tiny_is_built() -> bool:
+    from moalign.models.loading import cache_root
+    from moalign.models.tiny import TinyRecipe, recipe_hash
+
+    return (cache_root() / f"tiny-{recipe_hash(TinyRecipe(), 0)}").is_dir()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not tiny_is_built(), reason="the tiny model is not built yet (it is built on first use)")
+def test_a_small_study_on_the_tiny_model_runs_resumes_and_reports(tmp_path):
+    study = {"name": "e2e", "base": {"model": "tiny", "steps": 2, "device": "cpu", "threads": 1,
+                                     "data": {"num_train": 16, "num_val": 6, "num_test": 6},
+                                     "rollout": {"prompts_per_step": 2, "group_size": 2, "max_new_tokens": 32},
+                                     "eval": {"num_prompts": 6}},
+             "grid": {"weighting": ["linear", "ctwa"], "seed": [0]}}
+    config = tmp_path / "e2e.yaml"
+    config.write_text(yaml.safe_dump(study))
+    out = tmp_path / "out"
+    calls = []
+
+    def spy(cfg, run_dir, resume, on_step):
+        calls.append(run_dir.name)
+        return runner.train_run(cfg, run_dir, resume, on_step)
+
+    runner.run_study(config, out_dir=out, train_fn=spy)
+    assert calls == ["tiny__linear__grpo__s0", "tiny__ctwa__grpo__s0"]
+    table = pd.read_parquet(out / "results.parquet")
+    assert len(table) == 2 * 4 * 3  # 2 runs; val and test at steps 0 and 2; 3 objectives
+    assert table.value.between(0, 1).all()
+    runner.run_study(config, out_dir=out, train_fn=spy)
+    assert len(calls) == 2  # finished runs are not trained again
+    html = write_report(out).read_text()
+    assert "under linear" in html and "under ctwa" in html and len(embedded_pngs(html)) == 4

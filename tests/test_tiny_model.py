@@ -12,6 +12,7 @@ import torch
 
 import moalign.models.tiny as tiny
 from moalign.data import DEFAULT_PROMPT_SUFFIX, generate_problems
+from moalign.errors import UserError
 from moalign.models.tiny import EOS, TinyRecipe, chat_prompt, load_tiny, recipe_hash, warmup_answer
 
 torch.set_num_threads(1)
@@ -146,3 +147,10 @@ def test_warmup_answers_follow_the_recipe_rates():
                                     ("short", recipe.p_boxed_short, recipe.p_wrong_short)]:
         assert counts[style, "boxed"] / counts[style] == pytest.approx(p_boxed, abs=0.04)
         assert counts[style, "wrong"] / counts[style] == pytest.approx(p_wrong, abs=0.04)
+
+
+def test_an_unwritable_cache_is_a_user_error(tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    with pytest.raises(UserError, match="MOALIGN_CACHE"):
+        load_tiny(blocker / "cache", seed=0, progress=False)

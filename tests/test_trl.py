@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import inspect
 import json
+import math
 import os
 import subprocess
 import sys
@@ -27,9 +28,11 @@ from moalign.errors import UserError  # noqa: E402
 from moalign.integrations.trl import (  # noqa: E402
     STATE_FILE, TRL_VERSION, MultiObjectiveGRPOTrainer, ObjectiveReward, RolloutCycle, moalign_record,
     plan_trl_run, prompt_group_ids, prompt_key, reward_metrics, train_with_trl)
-from moalign.objectives import Sample, ScoringBatch  # noqa: E402
+from moalign.integrations.trl import main as trl_main  # noqa: E402
+from moalign.objectives import Sample  # noqa: E402
 from moalign.objectives.conciseness import Conciseness  # noqa: E402
 from moalign.rl.estimators import get_estimator  # noqa: E402
+from moalign.weighting import WEIGHTINGS, make_weighting  # noqa: E402
 from moalign.weighting.base import fill_missing  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -135,11 +138,21 @@ def test_plan_maps_the_config_onto_grpo_arguments():
     assert (a["epsilon"], a["epsilon_high"], a["delta"], a["loss_type"]) == (0.2, 0.28, 3.0, "dr_grpo")
     assert (a["scale_rewards"], a["use_cpu"], a["bf16"]) == ("none", True, False)
     assert any("micro_batch_size=3 → 2" in n for n in plan.notes) and any("k1" in n for n in plan.notes)
+    plan.override({"use_vllm": False})
+    assert plan.arguments["use_vllm"] is False and "GRPOConfig use_vllm=False (given directly)" in plan.notes
+    with pytest.raises(UserError, match="steps_per_generation follow from the moalign config"):
+        plan.override({"steps_per_generation": 1})
     with pytest.raises(UserError, match="split evenly"):
         plan_trl_run(cfg, Path("out"), num_processes=3, use_cpu=True)
     with pytest.raises(UserError, match="group_size ≥ 2"):
         plan_trl_run(cfg.model_copy(update={"rollout": cfg.rollout.model_copy(update={"group_size": 1})}),
                      Path("out"), 1, True)
+
+
+def test_launcher_entry_refuses_planned_trl_fields_before_touching_the_run_directory(tmp_path, capsys):
+    assert trl_main(["--trl", "max_steps=3", f"run_dir={tmp_path / 'run'}"]) == 2
+    assert "max_steps follow from the moalign config" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_metrics_use_native_names():
@@ -162,8 +175,9 @@ def test_gradient_level_weightings_are_refused_before_any_model_is_loaded():
 
 
 def vowels(completions, **kwargs) -> list[float]:
-    """A plain TRL reward function next to a moalign objective."""
-    return [sum(c in "aeiou" for c in text) / max(len(text), 1) for text in completions]
+    """A plain TRL reward function next to a moalign objective (conversational completions: message lists)."""
+    texts = [completion[0]["content"] for completion in completions]
+    return [sum(c in "aeiou" for c in text) / max(len(text), 1) for text in texts]
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +200,12 @@ class RecordingTrainer(MultiObjectiveGRPOTrainer):
         super().__init__(*args, **kwargs)
         self.cycles, self.stats = [], []
         update = self.weighting.update
-        self.weighting.update = lambda stats: self.stats.append(stats) or update(stats)
+
+        def recording_update(stats):
+            self.stats.append(stats)
+            return update(stats)
+
+        self.weighting.update = recording_update
 
     def update_weighting(self):
         self.cycles.append(self._cycle)
@@ -202,10 +221,10 @@ class SnapshotAfterEachStep(TrainerCallback):
 
 
 def make_trainer(model_dir: Path, dataset: Dataset, out: Path, weighting: str = "ctwa", **grpo) -> RecordingTrainer:
-    args = GRPOConfig(output_dir=str(out), use_cpu=True, bf16=False, activation_checkpointing=False, seed=0,
-                      per_device_train_batch_size=8, num_generations=GROUP, max_completion_length=6,
-                      learning_rate=0.05, beta=0.0, report_to="none", disable_tqdm=True, logging_steps=1,
-                      save_strategy="no", **grpo)
+    settings = dict(output_dir=str(out), use_cpu=True, bf16=False, activation_checkpointing=False, seed=0,
+                    per_device_train_batch_size=8, num_generations=GROUP, max_completion_length=6, learning_rate=0.05,
+                    beta=0.0, report_to="none", disable_tqdm=True, logging_steps=1, save_strategy="no")
+    args = GRPOConfig(**{**settings, **grpo})
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     return RecordingTrainer(model=model, reward_funcs=[Conciseness(), vowels], args=args, train_dataset=dataset,
                             processing_class=AutoTokenizer.from_pretrained(model_dir), weighting=weighting,
@@ -248,9 +267,22 @@ def test_ctwa_step_sees_the_whole_batch_and_true_pre_and_post_update_logprobs(mo
 
     weights = trainer.weighting.weights
     assert torch.isfinite(weights).all() and not torch.allclose(weights, torch.full((2,), 0.5))
-    logged = trainer.state.log_history[-1]
+    logged = trainer.state.log_history[-2]  # the last step (the very last entry is the run summary)
     assert logged["weight/conciseness"] == pytest.approx(float(weights[0]))
     assert "train/vowels/mean" in logged and "ctwa/deficit/vowels" in logged
+
+
+@pytest.mark.parametrize("name", sorted(n for n, cls in WEIGHTINGS.items() if cls.family in ("reward", "advantage")))
+def test_every_reward_and_advantage_level_weighting_trains(model_dir, dataset, tmp_path, name):
+    trainer = make_trainer(model_dir, dataset, tmp_path, weighting=name, max_steps=1)
+    trainer.train()
+    stats = trainer.stats[0]
+    fresh = make_weighting(name, ["conciseness", "vowels"])  # the trainer's weighting before its first update
+    expected = fresh.advantages(stats.rewards, stats.group_ids, get_estimator("grpo"), stats.response_mask)
+    assert torch.allclose(stats.advantages, expected.float(), atol=1e-6) and torch.isfinite(stats.advantages).all()
+    logged = trainer.state.log_history[-2]
+    weights = [logged[f"weight/{o}"] for o in ("conciseness", "vowels")]
+    assert weights == pytest.approx(trainer.weighting.weights.tolist()) and all(map(math.isfinite, weights))
 
 
 def test_with_ppo_epochs_ctwa_reads_the_last_epochs_clipped_ratio(model_dir, dataset, tmp_path):
@@ -291,14 +323,15 @@ def test_weighting_state_is_checkpointed_and_resumed(model_dir, dataset, tmp_pat
 def test_train_with_trl_writes_the_native_run_directory_and_resumes(model_dir, tmp_path):
     run = tmp_path / "run"
     cfg = build_config(TrainConfig, {}, small_run_overrides(model_dir, run))
-    summary = train_with_trl(cfg, run)
+    summary = train_with_trl(cfg, run, trl_overrides={"disable_dropout": True})
+    assert "GRPOConfig disable_dropout=True (given directly)" in summary["trl_notes"]
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [0, 1, 2, 2]  # start evaluation, two steps, end evaluation
     for line in lines[1:3]:
         for key in ("train/conciseness/mean", "train/vowel_fraction/mean", "weight/conciseness", "perf/step_s"):
             assert key in line, key
     assert len(lines[0]["eval/val/vowel_fraction/per_prompt"]) == 2
-    assert summary["final_weights"]["weight/conciseness"] == lines[2]["weight/conciseness"]
+    assert summary["final_weights"] == {k: v for k, v in lines[2].items() if k.startswith("weight/")}
     assert set(summary["eval"]["val"]) == {"conciseness", "vowel_fraction"}
     assert json.loads((run / "summary.json").read_text())["engine"] == "trl"
     assert (run / "model" / "config.json").is_file()
@@ -319,6 +352,8 @@ def test_two_processes_hold_identical_weights(model_dir, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     weights = [json.loads((tmp_path / f"weights_rank{r}.json").read_text()) for r in (0, 1)]
     assert weights[0] == weights[1]
-    assert all(v != 0.5 and v == v for v in weights[0].values())  # moved from uniform, not NaN
-    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [0, 1, 2, 2]  # only the main process wrote
+    values = list(weights[0].values())
+    assert all(math.isfinite(v) for v in values) and any(v != 0.5 for v in values)  # moved from uniform 1/M
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [0, 1, 2, 2]  # only the main process wrote
+    assert lines[1]["ctwa/num_valid_w"] == 16  # CTWA's statistic saw both processes' 8 completions

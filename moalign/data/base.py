@@ -86,10 +86,10 @@ def make_example(where: str, id: str, prompt: object, answer: object, *, prompt_
         raise UserError(f"{where}: column {prompt_column!r} must be a string, got {type(prompt).__name__}")
     if not prompt.strip():
         raise UserError(f"{where}: column {prompt_column!r} is empty")
-    if isinstance(answer, (int, float)) and not isinstance(answer, bool) and math.isfinite(answer):
-        answer = str(answer)
     if answer is None or (isinstance(answer, float) and math.isnan(answer)):
-        answer = ""
+        answer = ""  # a null cell of a table
+    elif isinstance(answer, (int, float)) and not isinstance(answer, bool):
+        answer = str(answer)
     if not isinstance(answer, str):
         raise UserError(f"{where}: column {answer_column!r} must be a string or a number, "
                         f"got {type(answer).__name__}")

@@ -130,8 +130,11 @@ def load_verl_folder(folder: Path) -> Splits:
     if not folder.is_dir():
         raise UserError(f"{folder}: folder not found; data.source='math500' needs a folder with "
                         "train.parquet, val.parquet and test.parquet")
-    return Splits(*([verl_example(row, f"{split}-{i}") for i, row in enumerate(read_rows(folder / f"{split}.parquet"))]
-                    for split in SPLIT_NAMES))
+    splits = []
+    for split in SPLIT_NAMES:
+        rows = read_rows(folder / f"{split}.parquet")
+        splits.append([verl_example(row, default_id=f"{split}-{i}") for i, row in enumerate(rows)])
+    return Splits(*splits)
 
 
 # ---- generic prompt/answer tables ---------------------------------------------------------------------------

@@ -2,15 +2,21 @@
 
 A checkpoint holds everything needed to continue a run exactly: trainable weights, optimizer, weighting and
 objective state, RNG states, data position and the byte offset of ``metrics.jsonl`` at that step (lines written
-later are dropped on resume, so the file never holds a duplicated step)."""
+later are dropped on resume, so the file never holds a duplicated step).
+
+Fault injection (crash tests only): ``MOALIGN_FAULT=<label>`` makes the process SIGKILL itself when it reaches the
+``fault_point`` of that label: ``sample:<step>``, ``update:<step>`` and ``export:<step>`` in the trainer, and
+``write:<file name>`` here, between writing a temporary file and renaming it (``write:step_0000002.pt``). Unset,
+the hook does nothing."""
 
 from __future__ import annotations
 
 import os
 import random
 import shutil
+import signal
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -44,20 +50,55 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+FAULT_ENV = "MOALIGN_FAULT"
+
+
+def fault_point(label: str) -> None:
+    """Die here, as a crash would, if ``MOALIGN_FAULT`` names this point (see the module docstring)."""
+    if os.environ.get(FAULT_ENV) == label:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _KeepWriteError:
+    """A file wrapper that remembers the OSError of a failed write: torch.save reports a full disk as an opaque
+    RuntimeError ("unexpected pos ..."), and the user needs to hear "No space left on device"."""
+
+    def __init__(self, f: BinaryIO):
+        self.f = f
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def atomic_torch_save(obj: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
+    sink = None
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            sink = _KeepWriteError(f)
+            torch.save(obj, sink)
             f.flush()
+            fault_point(f"write:{path.name}")
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except OSError as exc:
+    except (OSError, RuntimeError) as exc:
         tmp.unlink(missing_ok=True)
-        raise UserError(f"could not write checkpoint {path}: {exc.strerror or exc} (free disk space and resume with "
-                        f"`moalign train --resume {path.parent.parent.parent}`)") from None
+        cause = sink.error if sink is not None and sink.error is not None else exc
+        if not isinstance(cause, OSError):  # not an I/O problem: a bug, show it
+            raise
+        raise UserError(f"could not write checkpoint {path}: {cause.strerror or cause} (the previous checkpoint is "
+                        f"intact; free disk space and resume with `moalign train --resume "
+                        f"{path.parent.parent}`)") from None
 
 
 def checkpoint_dir(run_dir: Path) -> Path:

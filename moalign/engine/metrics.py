@@ -1,14 +1,18 @@
 """Metrics go to ``run_dir/metrics.jsonl`` as they are produced: one JSON object per line, each line written with a
-single ``write`` on an O_APPEND file and fsync'ed, so a crash leaves whole lines only. Optional TensorBoard, W&B and
-MLflow sinks receive the scalar entries."""
+single ``write`` on an O_APPEND file and fsync'ed, so a crash leaves whole lines only (a write that fails, e.g. on a
+full disk, is cut back to the last whole line). Optional TensorBoard, W&B and MLflow sinks receive the scalar
+entries."""
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 from pathlib import Path
 from typing import Any
+
+from moalign.errors import UserError
 
 
 def _clean(v: Any) -> Any:
@@ -64,8 +68,15 @@ class MetricsWriter:
         line = (json.dumps({k: _clean(v) for k, v in record.items()}, allow_nan=False) + "\n").encode()
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(fd, line)
-            os.fsync(fd)
+            start = os.fstat(fd).st_size
+            try:
+                if os.write(fd, line) != len(line):  # a short write: the disk filled up mid-line
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                os.fsync(fd)
+            except OSError as exc:
+                os.ftruncate(fd, start)  # never leave a torn line behind
+                raise UserError(f"could not write {self.path}: {exc.strerror or exc} (free disk space and resume "
+                                f"with `moalign train --resume {self.path.parent}`)") from None
         finally:
             os.close(fd)
         step = int(record.get("step", 0))

@@ -6,6 +6,11 @@ One step, top to bottom (``Trainer.step``):
     → weighting: rewards [B, M] → advantages [B]    (gradient-level: per-objective gradients combined)
     → clipped surrogate + KL, mini-batches × PPO epochs, AdamW with grad-norm clipping
     → weighting.update(post-update statistics) → one metrics line → checkpoint / evaluation when due
+
+Crash safety: a run killed at any moment resumes from its latest checkpoint (``Trainer(..., resume=True)``) and
+continues exactly; ``metrics.jsonl`` is cut back to the checkpoint's offset, so no line is torn or duplicated. The
+final checkpoint (``finished``) is written after the end evaluation, so a crash during the export only redoes the
+export. ``ckpt.fault_point`` marks where the crash tests kill the process (inert unless MOALIGN_FAULT is set).
 """
 
 from __future__ import annotations
@@ -31,10 +36,10 @@ from moalign.engine.metrics import MetricsWriter
 from moalign.engine.rollout import Rollout, generate, micro_batch_logprobs, response_logprobs
 from moalign.errors import UserError
 from moalign.models import load_model, prepare_trainable
-from moalign.objectives import ScoringBatch, load_objective
+from moalign.objectives import Objective, ScoringBatch, load_objective
 from moalign.rl.estimators import get_estimator
 from moalign.rl.loss import aggregate, kl_penalty, policy_loss
-from moalign.weighting import StepStats, make_weighting
+from moalign.weighting import StepStats, Weighting, make_weighting
 from moalign.weighting.base import per_objective_advantages
 
 
@@ -42,6 +47,20 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def load_objectives_and_weighting(cfg: TrainConfig) -> tuple[list[Objective], Weighting]:
+    """The run's objectives and weighting. Needs no model or data, so the CLI calls it first: a wrong objective,
+    two objectives with one name or weights that do not match the objectives fail before anything heavy runs."""
+    objectives = [load_objective(spec) for spec in cfg.objectives]
+    names = [o.name for o in objectives]
+    shared = next((n for n in names if names.count(n) > 1), None)
+    if shared is not None:
+        specs = [spec for spec, n in zip(cfg.objectives, names) if n == shared]
+        raise UserError(f"objectives {', '.join(map(repr, specs))} are all named {shared!r} (metrics and weights are "
+                        f"keyed by name); rename one as other_name=package.module:function")
+    weighting = make_weighting(cfg.weighting.name, names, **cfg.weighting.params())
+    return objectives, weighting
 
 
 def resolve_device(name: str) -> torch.device:
@@ -98,13 +117,12 @@ class Trainer:
         seed_everything(cfg.seed)
         self.device = resolve_device(cfg.device)
 
+        self.objectives, self.weighting = load_objectives_and_weighting(cfg)
+        self.objective_names = [o.name for o in self.objectives]
+        self.estimator = get_estimator(cfg.estimator.name)
         self.splits: dict[str, list[Example]] = dict(load_data(cfg.data).items())
         if not self.splits["train"]:
             raise UserError("the training split is empty; check data.path / data.num_train")
-        self.objectives = [load_objective(spec) for spec in cfg.objectives]
-        self.objective_names = [o.name for o in self.objectives]
-        self.weighting = make_weighting(cfg.weighting.name, self.objective_names, **cfg.weighting.params())
-        self.estimator = get_estimator(cfg.estimator.name)
 
         model, self.tokenizer = load_model(cfg.model)
         self.prompt_tokens = {name: self._encode(name, exs) for name, exs in self.splits.items()}
@@ -120,6 +138,7 @@ class Trainer:
         self.stream = PromptStream(len(self.splits["train"]), cfg.seed)
         self.step_idx = 0
         self.skipped_steps = 0
+        self.finished = False  # the end evaluation is logged; only the export remains
         self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", cfg.log.tensorboard, cfg.log.wandb,
                                      cfg.log.mlflow, run_name=self.run_dir.name, config=cfg.model_dump(mode="json"))
         self.eval_history: list[dict[str, Any]] = []
@@ -166,6 +185,7 @@ class Trainer:
             rollout = generate(self.model, self.tokenizer, prompts, [i for i in idx for _ in range(r.group_size)],
                                [g for g in range(len(idx)) for _ in range(r.group_size)], r.max_new_tokens,
                                r.temperature, r.top_p)
+            ckpt.fault_point(f"sample:{self.step_idx + 1}")
         with timer("score"):
             scored = self.score(rollout, "train", observe=True)
         if self.step_idx == 0:
@@ -195,6 +215,7 @@ class Trainer:
                           None, cfg.loss.clip_eps_low, cfg.loss.clip_eps_high)
         with timer("update"):
             upd = self._update(rollout, old_lp, ref_lp, advantages.float(), per_obj, stats)
+            ckpt.fault_point(f"update:{self.step_idx + 1}")
         if w.needs_post_update_logprobs:
             with timer("post_logprobs"):
                 self.model.eval()
@@ -368,7 +389,8 @@ class Trainer:
                 "weighting": self.weighting.state_dict(),
                 "objectives": {o.name: o.state_dict() for o in self.objectives},
                 "stream": self.stream.state_dict(), "rng": ckpt.rng_state(), "skipped_steps": self.skipped_steps,
-                "metrics_offset": self.metrics.offset(), "eval_history": self.eval_history}
+                "metrics_offset": self.metrics.offset(), "eval_history": self.eval_history,
+                "finished": self.finished}
 
     def save_checkpoint(self) -> Path:
         return ckpt.save_checkpoint(self.run_dir, self.step_idx, self.state_dict(), self.cfg.checkpoint.keep)
@@ -391,6 +413,7 @@ class Trainer:
         self.step_idx = state["step"]
         self.skipped_steps = state["skipped_steps"]
         self.eval_history = state["eval_history"]
+        self.finished = state.get("finished", False)
         self.metrics.truncate(state["metrics_offset"])
         self._resumed_from = path
 
@@ -437,23 +460,30 @@ class Trainer:
                     path = self.save_checkpoint()
                     raise KeyboardInterrupt(f"stopped by signal {self._stop_signal} after step {self.step_idx}; "
                                             f"checkpoint {path.name}")
-        end = {"step": self.step_idx}
-        end.update(self.evaluate("val"))
-        if cfg.eval.test_at_end:
-            end.update(self.evaluate("test"))
-        self._log(end)
-        self.eval_history.append(end)
-        self.save_checkpoint()
+        if not self.finished:
+            self._evaluate_end()
+            self.finished = True
+            self.save_checkpoint()
         self.export_model()
         self.metrics.close()
         return self.summary(time.perf_counter() - t_start)
 
-    def _evaluate_start(self) -> None:
-        record = {"step": 0, **self.evaluate("val")}
+    def _held_out_record(self) -> dict[str, Any]:
+        """The evaluation line of the run's start and end: val, and test when ``eval.test_at_end``."""
+        record = {"step": self.step_idx, **self.evaluate("val")}
         if self.cfg.eval.test_at_end:
             record.update(self.evaluate("test"))
+        return record
+
+    def _evaluate_start(self) -> None:
+        record = self._held_out_record()
         self._log(record)
         self.eval_history = [record]
+
+    def _evaluate_end(self) -> None:
+        record = self._held_out_record()
+        self._log(record)
+        self.eval_history.append(record)
 
     def _log(self, record: dict[str, Any]) -> None:
         self.metrics.write(record)
@@ -470,6 +500,7 @@ class Trainer:
             shutil.rmtree(tmp)
         model.save_pretrained(tmp)
         self.tokenizer.save_pretrained(tmp)
+        ckpt.fault_point(f"export:{self.step_idx}")
         if out.exists():
             import shutil
 

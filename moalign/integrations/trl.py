@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
+import trl
 from accelerate.utils import broadcast_object_list, gather, gather_object, pad_across_processes
 from pydantic import ValidationError
 from transformers import PrinterCallback, TrainerCallback
@@ -64,7 +65,8 @@ from moalign.engine.checkpoint import atomic_torch_save, load_checkpoint
 from moalign.engine.metrics import MetricsWriter, read_metrics
 from moalign.engine.rollout import generate
 from moalign.errors import UserError
-from moalign.objectives import Objective, ScoringBatch, load_objective
+from moalign.models import chat_messages, system_prompt_for
+from moalign.objectives import Objective, ScoringBatch
 from moalign.rl.estimators import get_estimator
 from moalign.weighting import WEIGHTINGS, StepStats, Weighting, make_weighting
 from moalign.weighting.base import Estimator, fill_missing
@@ -118,10 +120,10 @@ class ObjectiveReward:
         self.eos_token_ids: set[int] = set()
         self.gather: Callable[[list], list] = lambda items: items
         self.observing = False
-        self.last_errors: list[str] = []
         self._has_state = type(objective).observe is not Objective.observe
 
-    def __call__(self, prompts: list, completions: list, completion_ids: list[list[int]], **columns: Any) -> list[float]:
+    def __call__(self, prompts: list, completions: list, completion_ids: list[list[int]],
+                 **columns: Any) -> list[float]:
         if self.answer_column not in columns:
             raise UserError(f"objective {self.objective.name!r} reads the ground truth from the dataset column "
                             f"{self.answer_column!r}, which the dataset lacks; add it or pass "
@@ -133,7 +135,9 @@ class ObjectiveReward:
         if self.observing and self._has_state:
             self.objective.observe(ScoringBatch(self.gather(list(batch.samples))))
         result = self.objective.score(batch)
-        self.last_errors = result.errors
+        if result.errors:  # the run goes on; the samples count as missing rewards (train/<objective>/missing)
+            logger.warning("%d sample(s) got no %s reward; first error: %s", len(result.errors),
+                           self.objective.name, result.errors[0][:200])
         return result.values.tolist()  # NaN = missing, kept as NaN by TRL
 
     def _num_tokens(self, ids: Sequence[int]) -> int:
@@ -262,6 +266,9 @@ class MultiObjectiveGRPOTrainer(GRPOTrainer):
                  **kwargs: Any):
         if isinstance(weighting, str):
             _check_family(weighting, WEIGHTINGS.get(weighting).family)
+        if trl.__version__ != TRL_VERSION:
+            logger.warning("moalign's TRL integration was written against trl==%s, this is trl==%s: it relies on "
+                           "private GRPOTrainer methods; run tests/test_trl.py", TRL_VERSION, trl.__version__)
         funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
         funcs = [ObjectiveReward(f) if isinstance(f, Objective) else f for f in funcs]
         super().__init__(model, funcs, args, **kwargs)
@@ -333,7 +340,9 @@ class MultiObjectiveGRPOTrainer(GRPOTrainer):
             return output  # evaluation keeps TRL's advantages: no weighting state may change there
         rewards = self._gathered_rewards.float().cpu()
         group_ids = prompt_group_ids(gather_object([prompt_key(row) for row in inputs]), self.num_generations)
-        loss_mask = output["completion_mask"] * output["tool_mask"] if "tool_mask" in output else output["completion_mask"]
+        loss_mask = output["completion_mask"]
+        if "tool_mask" in output:  # multi-turn tool calls: tool output tokens are not trained on
+            loss_mask = loss_mask * output["tool_mask"]
         response_mask = gather(pad_across_processes(loss_mask.float(), dim=1)).cpu()
         scores, advantages = self._scalarize(rewards, group_ids, response_mask)
 
@@ -489,6 +498,19 @@ TRL_METRIC_NAMES = {"loss": "loss/total", "kl": "loss/kl", "grad_norm": "actor/g
                     "clip_ratio/region_mean": "actor/clipfrac"}
 
 
+# GRPOConfig fields that define one moalign step (batch geometry, step count, checkpoint cadence, output folder).
+PLANNED_FIELDS = frozenset({"output_dir", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
+                            "steps_per_generation", "generation_batch_size", "num_iterations", "num_generations",
+                            "logging_steps", "logging_strategy", "save_steps", "save_strategy", "num_train_epochs"})
+
+
+def check_trl_overrides(fields: dict[str, Any]) -> None:
+    planned = sorted(PLANNED_FIELDS & set(fields))
+    if planned:
+        raise UserError(f"GRPOConfig field(s) {', '.join(planned)} follow from the moalign config (rollout.*, optim.*, "
+                        f"steps, checkpoint.*, run_dir); set those instead")
+
+
 @dataclass
 class TRLPlan:
     """How a TrainConfig runs on TRL: GRPOConfig arguments, the optimizer steps of one moalign step, and the
@@ -497,6 +519,12 @@ class TRLPlan:
     arguments: dict[str, Any]
     optimizer_steps_per_step: int
     notes: list[str]
+
+    def override(self, fields: dict[str, Any]) -> None:
+        """Set further GRPOConfig fields; those that define what one moalign step is stay the config's."""
+        check_trl_overrides(fields)
+        self.arguments.update(fields)
+        self.notes.extend(f"GRPOConfig {key}={value!r} (given directly)" for key, value in fields.items())
 
 
 def plan_trl_run(cfg: TrainConfig, output_dir: Path, num_processes: int, use_cpu: bool) -> TRLPlan:
@@ -542,12 +570,13 @@ def plan_trl_run(cfg: TrainConfig, output_dir: Path, num_processes: int, use_cpu
     return TRLPlan(arguments, optimizer_steps, notes)
 
 
-def encode_prompts(tokenizer: Any, split: str, examples: Sequence[Any], limit: int) -> list[list[int]]:
+def encode_prompts(tokenizer: Any, split: str, examples: Sequence[Any], limit: int,
+                   system_prompt: Optional[str]) -> list[list[int]]:
     """Chat-template token ids of each prompt; a prompt over ``limit`` tokens is an error (never cut), as in the
     native engine."""
     out = []
     for i, ex in enumerate(examples):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": ex.prompt}], tokenize=False,
+        text = tokenizer.apply_chat_template(chat_messages(ex.prompt, system_prompt), tokenize=False,
                                              add_generation_prompt=True)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) > limit:
@@ -567,8 +596,8 @@ class HeldOutEvaluation:
         self.num_prompts = cfg.eval.num_prompts
         self.max_new_tokens = cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens
         self.batch_size = max(cfg.optim.micro_batch_size, 16)
-        self.prompt_ids = {split: encode_prompts(tokenizer, split, splits[split], cfg.rollout.max_prompt_tokens)
-                           for split in ("val", "test")}
+        self.prompt_ids = {split: encode_prompts(tokenizer, split, splits[split], cfg.rollout.max_prompt_tokens,
+                                                 system_prompt_for(cfg.model)) for split in ("val", "test")}
 
     @torch.no_grad()
     def __call__(self, model: Any, split: str) -> dict[str, Any]:
@@ -608,43 +637,47 @@ def moalign_record(logs: dict[str, Any], own_names: set[str]) -> dict[str, Any]:
 
 
 class RunDirRecorder(TrainerCallback):
-    """Writes the native run-directory record from inside TRL's loop (main process only): one ``metrics.jsonl``
-    line per moalign step, with ``perf/step_s`` (wall time of the step without evaluation), and the held-out
-    evaluations — at the start (after the first training batch was observed, before the first update, as the
-    native engine does) and every ``eval.every`` steps."""
+    """The native run-directory record, written from inside TRL's loop by the main process (the others only
+    count steps): one ``metrics.jsonl`` line per moalign step — with ``perf/step_s``, the step's wall time without
+    evaluation — and the held-out evaluations: at the start (after the first training batch was observed, before
+    the first update, as in the native engine), every ``eval.every`` steps and at the end (``finish``). Each TRL
+    checkpoint records the length of ``metrics.jsonl``, so a resumed run rewrites exactly the lines after it."""
 
-    def __init__(self, trainer: MultiObjectiveGRPOTrainer, writer: Optional[MetricsWriter],
-                 evaluate: Optional[HeldOutEvaluation], optimizer_steps_per_step: int, cfg: TrainConfig,
-                 resumed: bool):
-        self.trainer, self.writer, self.evaluate = trainer, writer, evaluate
-        self.k, self.cfg = optimizer_steps_per_step, cfg
-        self.started = resumed  # the start evaluation is already in metrics.jsonl
+    def __init__(self, trainer: MultiObjectiveGRPOTrainer, cfg: TrainConfig, run_dir: Path,
+                 evaluate: Optional[HeldOutEvaluation], optimizer_steps_per_step: int, resume: Optional[str]):
+        self.trainer, self.cfg, self.run_dir, self.k = trainer, cfg, run_dir, optimizer_steps_per_step
+        self.writer: Optional[MetricsWriter] = None
+        if trainer.accelerator.is_main_process:
+            self.writer = MetricsWriter(run_dir / "metrics.jsonl", cfg.log.tensorboard, cfg.log.wandb,
+                                        cfg.log.mlflow, run_name=run_dir.name, config=cfg.model_dump(mode="json"))
+            self.writer.truncate(self.metrics_offset(resume))
+        self.evaluate = evaluate if self.writer is not None else None
+        self.started = resume is not None  # the start evaluation is already in metrics.jsonl
         self.pending: dict[str, Any] = {}
-        self.step_started = time.perf_counter()
-        self.eval_seconds = 0.0
+        self.step_started, self.eval_seconds = time.perf_counter(), 0.0
 
-    def _evaluate(self, split: str) -> dict[str, Any]:
+    def _evaluate(self, step: int, splits: Sequence[str]) -> dict[str, Any]:
         start = time.perf_counter()
-        result = self.evaluate(self.trainer.model, split)
+        record = {"step": step}
+        for split in splits:
+            record.update(self.evaluate(self.trainer.model, split))
         self.eval_seconds += time.perf_counter() - start
-        return result
+        return record
+
+    def _start_and_end_splits(self) -> tuple[str, ...]:
+        return ("val", "test") if self.cfg.eval.test_at_end else ("val",)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        if self.started or self.writer is None or self.evaluate is None:
-            return
-        self.started = True
-        record = {"step": 0, **self._evaluate("val")}
-        if self.cfg.eval.test_at_end:
-            record.update(self._evaluate("test"))
-        self.writer.write(record)
+        if self.evaluate is not None and not self.started:
+            self.started = True
+            self.writer.write(self._evaluate(0, self._start_and_end_splits()))
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % self.k:
             return
-        step = state.global_step // self.k
-        every = self.cfg.eval.every
-        if self.writer is not None and self.evaluate is not None and every and step % every == 0 and step < self.cfg.steps:
-            self.pending.update(self._evaluate("val"))
+        step, every = state.global_step // self.k, self.cfg.eval.every
+        if self.evaluate is not None and every and step % every == 0 and step < self.cfg.steps:
+            self.pending.update(self._evaluate(step, ["val"]))
         now = time.perf_counter()
         self.pending["perf/step_s"] = now - self.step_started - self.eval_seconds
         self.step_started, self.eval_seconds = now, 0.0
@@ -652,15 +685,24 @@ class RunDirRecorder(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.writer is None or not logs or "train_runtime" in logs:  # the end-of-training summary log
             return
-        record = {"step": state.global_step // self.k, **moalign_record(logs, self.trainer.metric_names)}
-        record.update(self.pending)
+        self.writer.write({"step": state.global_step // self.k, **moalign_record(logs, self.trainer.metric_names),
+                           **self.pending})
         self.pending = {}
-        self.writer.write(record)
 
     def on_save(self, args, state, control, **kwargs):
         if self.writer is not None:  # TRL saves right after logging the step: the offset covers its line
             folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
             (folder / RUN_FILE).write_text(json.dumps({"metrics_offset": self.writer.offset()}))
+
+    def finish(self) -> dict[str, Any]:
+        """Write the end evaluation and close; returns the summary's start → end table (empty off the main
+        process)."""
+        if self.writer is None:
+            return {}
+        if self.evaluate is not None:
+            self.writer.write(self._evaluate(self.cfg.steps, self._start_and_end_splits()))
+        self.writer.close()
+        return eval_change_table(read_metrics(self.run_dir / "metrics.jsonl"), self.trainer.objective_names)
 
     @staticmethod
     def metrics_offset(checkpoint: Optional[str]) -> int:
@@ -669,78 +711,93 @@ class RunDirRecorder(TrainerCallback):
         return json.loads(path.read_text())["metrics_offset"] if path is not None and path.is_file() else 0
 
 
-def train_with_trl(cfg: TrainConfig, run_dir: Union[str, Path]) -> dict[str, Any]:
+def train_with_trl(cfg: TrainConfig, run_dir: Union[str, Path],
+                   trl_overrides: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Run ``cfg`` on TRL (``engine=trl``); returns the summary (also written to ``run_dir/summary.json``).
 
     Each process of a launcher (accelerate launch, torchrun, deepspeed) calls this; only the main process writes.
-    A run directory holding TRL checkpoints is resumed from its latest one."""
-    from datasets import Dataset
-
-    from moalign.data import load_data
+    A run directory holding TRL checkpoints is resumed from its latest one. ``trl_overrides`` are further
+    ``GRPOConfig`` fields (``use_vllm``, ``vllm_mode``, ``gradient_checkpointing``, ...); the batch geometry is the
+    config's (``PLANNED_FIELDS``)."""
     from moalign.engine.trainer import resolve_device, seed_everything
-    from moalign.models import load_model, prepare_trainable
 
-    run_dir = Path(run_dir)
-    wall_start = time.perf_counter()
+    run_dir, wall_start = Path(run_dir), time.perf_counter()
+    _check_family(cfg.weighting.name, WEIGHTINGS.get(cfg.weighting.name).family)  # before loading anything
+    use_cpu = resolve_device(cfg.device).type == "cpu"
+    plan = plan_trl_run(cfg, run_dir / "checkpoints", int(os.environ.get("WORLD_SIZE", "1")), use_cpu)
+    plan.override(trl_overrides or {})
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
-    splits = dict(load_data(cfg.data).items())
-    if not splits["train"]:
-        raise UserError("the training split is empty; check data.path / data.num_train")
-    objectives = [load_objective(spec) for spec in cfg.objectives]
-    model, tokenizer = load_model(cfg.model)
-    model = prepare_trainable(model, cfg.model)
-    encode_prompts(tokenizer, "train", splits["train"], cfg.rollout.max_prompt_tokens)  # fail early on long prompts
+    inputs = RunInputs.load(cfg)
 
-    use_cpu = resolve_device(cfg.device).type == "cpu"
-    plan = plan_trl_run(cfg, run_dir / "checkpoints", int(os.environ.get("WORLD_SIZE", "1")), use_cpu)
     args = GRPOConfig(**plan.arguments)
     args.distributed_state.wait_for_everyone()  # a launcher's main process may still be preparing run_dir
-    is_main = args.process_index == 0
-    if is_main:
+    if args.process_index == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         for note in plan.notes:
             print(f"engine=trl: {note}", file=sys.stderr)
-
-    dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": ex.prompt}] for ex in splits["train"]],
-                                 "answer": [ex.answer for ex in splits["train"]]})
-    trainer = MultiObjectiveGRPOTrainer(model=model, reward_funcs=objectives, args=args, train_dataset=dataset,
-                                        processing_class=tokenizer, weighting=cfg.weighting.name,
-                                        weighting_params=cfg.weighting.params(), estimator=cfg.estimator.name)
-    resume = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
-
+    trainer = MultiObjectiveGRPOTrainer(model=inputs.model, reward_funcs=inputs.objectives, args=args,
+                                        train_dataset=inputs.train_dataset(), processing_class=inputs.tokenizer,
+                                        weighting=cfg.weighting.name, weighting_params=cfg.weighting.params(),
+                                        estimator=cfg.estimator.name)
+    if not cfg.log.progress:
+        trainer.remove_callback(PrinterCallback)  # HF prints every log dict when its progress bar is off
     sharded = trainer.is_fsdp_enabled or (trainer.is_deepspeed_enabled
                                           and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3)
     if sharded:
         plan.notes.append("held-out evaluation skipped: parameters are sharded (FSDP / ZeRO-3); evaluate run_dir/model")
-    evaluate = None if sharded else HeldOutEvaluation(tokenizer, objectives, splits, cfg)
-    writer = None
-    if is_main:
-        writer = MetricsWriter(run_dir / "metrics.jsonl", cfg.log.tensorboard, cfg.log.wandb, cfg.log.mlflow,
-                               run_name=run_dir.name, config=cfg.model_dump(mode="json"))
-        writer.truncate(RunDirRecorder.metrics_offset(resume))  # lines after the checkpoint are written again
-    trainer.add_callback(RunDirRecorder(trainer, writer, evaluate, plan.optimizer_steps_per_step, cfg,
-                                        resumed=resume is not None))
-    if not cfg.log.progress:
-        trainer.remove_callback(PrinterCallback)  # HF prints every log dict when its progress bar is off
-    trainer.train(resume_from_checkpoint=resume)
+    evaluate = None if sharded else HeldOutEvaluation(inputs.tokenizer, inputs.objectives, inputs.splits, cfg)
+    resume = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+    recorder = RunDirRecorder(trainer, cfg, run_dir, evaluate, plan.optimizer_steps_per_step, resume)
+    trainer.add_callback(recorder)
 
-    if writer is not None and evaluate is not None:
-        end = {"step": cfg.steps, **evaluate(trainer.model, "val")}
-        if cfg.eval.test_at_end:
-            end.update(evaluate(trainer.model, "test"))
-        writer.write(end)
-    export_model(trainer, tokenizer, run_dir, lora=cfg.model.lora is not None)
+    trainer.train(resume_from_checkpoint=resume)
+    eval_table = recorder.finish()
+    export_model(trainer, inputs.tokenizer, run_dir, lora=cfg.model.lora is not None)
     summary = {"engine": "trl", "steps": trainer.state.global_step // plan.optimizer_steps_per_step,
                "wall_seconds": time.perf_counter() - wall_start, "objectives": trainer.objective_names,
-               "weighting": cfg.weighting.name, "final_weights": trainer.weighting.metrics(),
-               "eval": {}, "skipped_steps": 0, "trl_notes": plan.notes}
-    if writer is not None:
-        writer.close()
-        summary["eval"] = eval_change_table(read_metrics(run_dir / "metrics.jsonl"), trainer.objective_names)
+               "weighting": cfg.weighting.name, "eval": eval_table,
+               "final_weights": {k: v for k, v in trainer.weighting.metrics().items() if k.startswith("weight/")},
+               "skipped_steps": 0, "trl_notes": plan.notes}
+    if trainer.accelerator.is_main_process:
         _write_summary(run_dir, summary)
     return summary
+
+
+@dataclass
+class RunInputs:
+    """What a TrainConfig loads before training: data splits, objectives, the policy (trainable part prepared:
+    last k blocks or LoRA adapters) and its tokenizer."""
+
+    splits: dict[str, list]
+    objectives: list[Objective]
+    model: Any
+    tokenizer: Any
+    system_prompt: Optional[str]
+
+    @classmethod
+    def load(cls, cfg: TrainConfig) -> "RunInputs":
+        from moalign.data import load_data
+        from moalign.engine.trainer import load_objectives_and_weighting
+        from moalign.models import load_model, prepare_trainable
+
+        objectives, _ = load_objectives_and_weighting(cfg)
+        splits = dict(load_data(cfg.data).items())
+        if not splits["train"]:
+            raise UserError("the training split is empty; check data.path / data.num_train")
+        model, tokenizer = load_model(cfg.model)
+        system_prompt = system_prompt_for(cfg.model)
+        encode_prompts(tokenizer, "train", splits["train"], cfg.rollout.max_prompt_tokens, system_prompt)  # too long?
+        return cls(splits, objectives, prepare_trainable(model, cfg.model), tokenizer, system_prompt)
+
+    def train_dataset(self) -> Any:
+        """TRL's conversational format (TRL applies the chat template) plus the ``answer`` column objectives read."""
+        from datasets import Dataset
+
+        train = self.splits["train"]
+        return Dataset.from_dict({"prompt": [chat_messages(ex.prompt, self.system_prompt) for ex in train],
+                                  "answer": [ex.answer for ex in train]})
 
 
 def eval_change_table(records: list[dict[str, Any]], objectives: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -792,15 +849,21 @@ def _write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """``python -m moalign.integrations.trl [--config FILE | --resume RUN_DIR] [--overwrite] key=value ...``:
-    ``moalign train engine=trl`` for launchers (every process runs it; only the main one prepares run_dir)."""
-    from moalign.cli import build_parser, prepare_run_dir, print_summary, resolve_train_config
-    from moalign.config import dump_config, load_yaml
+    """``python -m moalign.integrations.trl [--config FILE | --resume RUN_DIR] [--overwrite] [--trl FIELD=VALUE ...]
+    key=value ...``: ``moalign train engine=trl`` for launchers (every process runs it; only the main one prepares
+    run_dir). ``--trl`` sets a further GRPOConfig field (e.g. ``--trl use_vllm=true``)."""
+    from moalign.cli import build_parser, prepare_run_dir, print_summary, resolve_train_config, write_config
+    from moalign.config import load_yaml, parse_overrides
+    from moalign.engine.trainer import load_objectives_and_weighting
 
-    parser = build_parser()
-    args, extra = parser.parse_known_args(["train", *(sys.argv[1:] if argv is None else argv)])
+    words = list(sys.argv[1:] if argv is None else argv)
+    trl_fields = [words[i + 1] for i, word in enumerate(words[:-1]) if word == "--trl"]
+    words = [w for i, w in enumerate(words) if w != "--trl" and (i == 0 or words[i - 1] != "--trl")]
+    args, extra = build_parser().parse_known_args(["train", *words])
     args.overrides = list(args.overrides) + extra
     try:
+        trl_overrides = dict(parse_overrides(trl_fields))
+        check_trl_overrides(trl_overrides)
         cfg = resolve_train_config(args).model_copy(update={"engine": "trl"})
         named_run_dir = args.resume or any(o.startswith("run_dir=") for o in args.overrides) or (
             args.config and load_yaml(args.config).get("run_dir"))
@@ -808,10 +871,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise UserError("under a launcher every process must name the same run directory: pass run_dir=...")
         run_dir = Path(cfg.run_dir)
         is_main = int(os.environ.get("RANK", "0")) == 0
+        load_objectives_and_weighting(cfg)  # objective and weighting errors before run_dir is touched
         if is_main:
             prepare_run_dir(run_dir, bool(args.resume), args.overwrite)
-            (run_dir / "config.yaml").write_text(dump_config(cfg))
-        summary = train_with_trl(cfg, run_dir)
+            write_config(run_dir, cfg)
+        summary = train_with_trl(cfg, run_dir, trl_overrides)
     except UserError as exc:
         if args.debug:
             raise

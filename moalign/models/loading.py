@@ -18,6 +18,12 @@ if TYPE_CHECKING:
 
 SMOLLM2_NAMES = {"smollm2-135m", "smollm2", "smollm2-135m-instruct"}
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# SmolLM2-135M rarely boxes its answer when only told to; one worked example in the system message makes the answer
+# format (and so accuracy and clarity) non-trivial from the first step (measured: boxed 0% → 50% of samples).
+SMOLLM2_SYSTEM_PROMPT = (
+    "Solve math word problems. Example:\nQuestion: Ann has 2 pens and buys 3 more. How many pens does she have?\n"
+    "Answer: Step 1: Ann starts with 2 pens.\nStep 2: 2 + 3 = 5.\nThe answer is \\boxed{5}."
+)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -103,6 +109,18 @@ def load_model(cfg: "ModelConfig"):
         tok.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
     model.config.use_cache = True
     return model, tok
+
+
+def system_prompt_for(cfg: "ModelConfig") -> str | None:
+    """The system message to use: the configured one ('' = none), else the model's default."""
+    if cfg.system_prompt is not None:
+        return cfg.system_prompt or None
+    return SMOLLM2_SYSTEM_PROMPT if cfg.name.lower() in SMOLLM2_NAMES else None
+
+
+def chat_messages(prompt: str, system_prompt: str | None) -> list[dict[str, str]]:
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return messages + [{"role": "user", "content": prompt}]
 
 
 def transformer_blocks(model) -> torch.nn.ModuleList:

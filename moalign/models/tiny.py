@@ -6,7 +6,7 @@ Recipe (``TinyRecipe``):
 1. **Tokenizer.** Byte-level BPE trained with ``tokenizers`` on arithmetic word problems and warm-up answers.
    Digit runs are kept apart from words (so a number is one or a few tokens), but merges may cross spaces: the
    fixed instruction suffix and the story phrases become a few tokens each, which shortens prompts ≈ 4× and
-   makes the warm-up ≈ 3× faster. Special tokens ``<|pad|>``, ``<|eos|>``; chat template ``"Q: {prompt}\\nA:"``.
+   makes the warm-up ≈ 2.5× faster. Special tokens ``<|pad|>``, ``<|eos|>``; chat template ``"Q: {prompt}\\nA:"``.
 2. **Warm-up.** One epoch of next-token loss on the answer tokens only, over arithmetic problems of
    difficulty 1–2 from the generator's *train* split (which never contains a val/test question of any seed;
    see ``moalign.data.arithmetic``). Each answer gets a random style:
@@ -17,8 +17,9 @@ Recipe (``TinyRecipe``):
    - wrong: the last step's result (hence the answer) is off by a small amount with probability 0.15 in
      step-by-step answers and 0.3 in short ones — working step by step is more accurate, as with real models.
 
-   Sampled at temperature 1 on difficulty-1 test problems the model then gives every mix (measured: ≈ 35%
-   correct, ≈ 65% boxed, ≈ 40% step by step; greedy decoding ≈ 90% right final numbers).
+   Sampled at temperature 1 on difficulty-1 test problems the model then gives every mix (measured over
+   seeds: 30–40% correct, 65–70% boxed, 35–50% step by step; greedy decoding gets 85–95% of the final
+   numbers right). Difficulty 2 is harder for it (≈ 10% correct when sampled).
    The paper's three objectives are all non-trivial and partly conflicting: clarity (box + ≥ 2 enumerated
    steps) and accuracy favour step-by-step answers, conciseness favours short ones.
 
@@ -47,6 +48,7 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTra
 import moalign.data.arithmetic as arithmetic
 from moalign.data.arithmetic import ArithmeticProblem, generate_problems, solution_steps
 from moalign.data.base import DEFAULT_PROMPT_SUFFIX
+from moalign.errors import UserError
 from moalign.models.loading import cache_root
 
 PAD, EOS = "<|pad|>", "<|eos|>"
@@ -107,8 +109,12 @@ def recipe_hash(recipe: TinyRecipe, seed: int) -> str:
 
 
 def _build_atomically(folder: Path, recipe: TinyRecipe, seed: int, progress: bool) -> None:
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-building-"))
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-building-"))
+    except OSError as exc:
+        raise UserError(f"cannot write the tiny model's cache in {folder.parent} ({exc.strerror}); set "
+                        "MOALIGN_CACHE to a writable folder") from None
     try:
         model, tokenizer = build_tiny(recipe, seed, progress)
         model.save_pretrained(tmp)
@@ -134,7 +140,7 @@ def build_tiny(recipe: TinyRecipe, seed: int, progress: bool) -> tuple[PreTraine
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(model_config(recipe, tokenizer))
-        warm_up(model, tokenizer, questions, answers, recipe, seed, progress)
+        warm_up(model, tokenizer, questions, answers, recipe, progress)
     model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
                                                pad_token_id=tokenizer.pad_token_id,
                                                max_new_tokens=recipe.max_new_tokens)
@@ -169,6 +175,7 @@ def _wrong_number(answer: int, rng: random.Random) -> int:
 # ---- tokenizer and model ------------------------------------------------------------------------------------
 
 def train_tokenizer(corpus: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """Byte-level BPE over ``corpus``; digit runs are separate pre-tokens, other merges may cross spaces."""
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Digits(individual_digits=False),
@@ -196,12 +203,13 @@ def model_config(recipe: TinyRecipe, tokenizer: PreTrainedTokenizerFast) -> Llam
 # ---- warm-up ------------------------------------------------------------------------------------------------
 
 def chat_prompt(tokenizer: PreTrainedTokenizerFast, user_text: str) -> str:
+    """The text the model continues: the chat template around one user message, with the generation prompt."""
     return tokenizer.apply_chat_template([{"role": "user", "content": user_text}], add_generation_prompt=True,
                                          tokenize=False)
 
 
 def warm_up(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, questions: list[str], answers: list[str],
-            recipe: TinyRecipe, seed: int, progress: bool) -> None:
+            recipe: TinyRecipe, progress: bool) -> None:
     """One epoch of AdamW on −Σ log π(answer tokens | chat prompt), linear LR warm-up then linear decay.
 
     Prompt and answer are tokenized separately, exactly as the RL engine sees them: it tokenizes the chat
@@ -214,8 +222,7 @@ def warm_up(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, questio
 
     num_steps = len(examples) // recipe.batch_size
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=(0.9, 0.95), weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / recipe.lr_warmup_steps)
-                                                 * max(recipe.final_lr_fraction, 1 - step / num_steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, num_steps, recipe))
     model.train()
     bar = tqdm(range(num_steps), desc="warming up the tiny model (once)", disable=not progress, leave=False)
     for step in bar:
@@ -228,6 +235,12 @@ def warm_up(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, questio
         optimizer.zero_grad(set_to_none=True)
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     model.eval()
+
+
+def lr_factor(step: int, num_steps: int, recipe: TinyRecipe) -> float:
+    """Linear warm-up to 1 over ``lr_warmup_steps`` times linear decay to ``final_lr_fraction`` at the end."""
+    warmup = min(1.0, (step + 1) / recipe.lr_warmup_steps)
+    return warmup * max(recipe.final_lr_fraction, 1 - step / num_steps)
 
 
 def _collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -10,9 +10,9 @@ directory holds them under ``runs/``. Every number here is computed from those f
 * interference rate: the fraction of runs (each seed counted once) that interfere;
 * cost: mean seconds per training step (``perf/step_s``) and per phase (``time/<phase>_s``), and any logged
   ``perf/*pass*`` counter;
-* covariance-law agreement, when runs log ``law/cov/<objective>`` (the law's predicted first-order change of objective
-  j at step t, Cov(r_j, w)): the fraction of steps where its sign matches the sign of the observed change of the
-  training mean, ``train/<j>/mean`` at step t+1 minus at step t (steps where either is 0 are left out);
+* covariance-law agreement, when runs log the law monitor's metrics (``moalign.diagnostics.law``): the predicted
+  change of objective j, Cov(r_j, w) (``law/cov_w/<j>``), against the change realised on the probe prompts
+  (``law/realised/<j>``); sign agreement (pairs where either is 0 left out) and correlation, pooled over seeds;
 * Pareto front of the final points (mean over seeds) and its hypervolume with the mean start point as reference.
 
 Selection uses the validation split, reported numbers the test split (``Findings.report_split``).
@@ -178,10 +178,6 @@ class ConfigResult:
         extras = self.first.name.split("__")[4:]
         return " ".join([self.first.algorithm, *extras])
 
-    @property
-    def seeds(self) -> list[Any]:
-        return [r.seed for r in self.runs]
-
 
 def configurations(runs: Sequence[StudyRun]) -> list[ConfigResult]:
     """Runs grouped by configuration (everything but the seed), each with its reports on every measurable split."""
@@ -296,37 +292,38 @@ def cost_rows(runs: Sequence[StudyRun]) -> list[dict[str, Any]]:
     return rows
 
 
-def law_agreement(run: StudyRun) -> Optional[tuple[int, int]]:
-    """(steps where sign of law/cov/<j> at t matches the sign of Δ train/<j>/mean from t to t+1, steps compared),
-    pooled over objectives; None when the run logged no ``law/cov/...``."""
-    agree = total = 0
-    found = False
-    for objective in run.run.objectives:
-        law_steps, predicted = run.series(f"law/cov/{objective}")
-        if not len(law_steps):
-            continue
-        found = True
-        train_steps, train_mean = run.series(f"train/{objective}/mean")
-        mean_at = dict(zip(train_steps.tolist(), train_mean.tolist()))
-        for step, cov in zip(law_steps.tolist(), predicted.tolist()):
-            if step in mean_at and step + 1 in mean_at:
-                observed = mean_at[step + 1] - mean_at[step]
-                if cov != 0 and observed != 0 and math.isfinite(cov) and math.isfinite(observed):
-                    total += 1
-                    agree += int((cov > 0) == (observed > 0))
-    return (agree, total) if found else None
+def law_pairs(run: StudyRun) -> tuple[list[float], list[float]]:
+    """(predicted, realised) changes of every (step, objective) the law monitor logged: the prediction is
+    ``law/cov_w/<j>`` (``law/cov_s/<j>`` when the clipped signal was not measured), the realised change on the probe
+    set ``law/realised/<j>``, both in the same step's record."""
+    predicted, realised = [], []
+    for record in run.records:
+        for objective in run.run.objectives:
+            p = record.get(f"law/cov_w/{objective}", record.get(f"law/cov_s/{objective}"))
+            r = record.get(f"law/realised/{objective}")
+            if isinstance(p, (int, float)) and isinstance(r, (int, float)) and math.isfinite(p) and math.isfinite(r):
+                predicted.append(float(p))
+                realised.append(float(r))
+    return predicted, realised
 
 
 def law_rows(runs: Sequence[StudyRun]) -> list[dict[str, Any]]:
-    """Per algorithm: covariance-law sign agreement pooled over its runs (empty when no run logged law metrics)."""
-    pooled: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    """Per algorithm, pooled over its runs: sign agreement and correlation of predicted and realised changes, as the
+    law monitor defines them; empty when no run logged law metrics."""
+    from moalign.diagnostics.law import LawMonitor
+
+    pooled: dict[str, tuple[list[float], list[float]]] = defaultdict(lambda: ([], []))
     for r in runs:
-        result = law_agreement(r)
-        if result is not None:
-            pooled[r.algorithm][0] += result[0]
-            pooled[r.algorithm][1] += result[1]
-    return [{"algorithm": a, "agree": n_agree, "steps": n, "rate": n_agree / n if n else math.nan}
-            for a, (n_agree, n) in sorted(pooled.items())]
+        predicted, realised = law_pairs(r)
+        if predicted:
+            pooled[r.algorithm][0].extend(predicted)
+            pooled[r.algorithm][1].extend(realised)
+    rows = []
+    for algorithm, (predicted, realised) in pooled.items():
+        summary = LawMonitor([], predicted=predicted, realised=realised).summary()
+        rows.append({"algorithm": algorithm, "pairs": int(summary["law/num_pairs"]),
+                     "sign_agreement": summary["law/sign_agreement"], "correlation": summary["law/correlation"]})
+    return rows
 
 
 # ------------------------------------------------------------------------------------------------ sentences

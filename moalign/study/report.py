@@ -19,6 +19,7 @@ import html
 import io
 import itertools
 import re
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -279,7 +280,9 @@ def pareto_figure(f: Findings, palette: Palette) -> Optional[Image]:
             ax.scatter(p.start[a], p.start[b], marker="x", color="black", s=50, label="start", zorder=4)
             ax.set_xlabel(p.objectives[a], fontsize=8)
             ax.set_ylabel(p.objectives[b], fontsize=8)
-            ax.set_title(f"{key[0]} · {key[1]} (HV {p.hypervolume:.4f})", fontsize=8)
+            if j == 0:  # the row's comparison, once: the panels are narrow
+                ax.set_title(textwrap.shorten(f"{key[0]} · {key[1]} (set HV {p.hypervolume:.4f})", 60), fontsize=8,
+                             loc="left")
             ax.tick_params(labelsize=7)
             ax.grid(alpha=0.3)
     legend_below(fig, axes)
@@ -403,10 +406,10 @@ def build_blocks(f: Findings) -> list[Block]:
     law = law_rows(runs)
     if law:
         blocks += [Heading("Covariance-law agreement"), Table(
-            ["algorithm", "steps compared", "sign agrees", "rate"],
-            [[r["algorithm"], str(r["steps"]), str(r["agree"]), _fmt(r["rate"])] for r in law],
-            "Fraction of steps where the sign of the predicted change law/cov/<objective> matches the sign of the "
-            "next step's change in the training mean of that objective, pooled over objectives and seeds.")]
+            ["algorithm", "(step, objective) pairs", "sign agreement", "correlation"],
+            [[r["algorithm"], str(r["pairs"]), _fmt(r["sign_agreement"]), _fmt(r["correlation"])] for r in law],
+            "Predicted change Cov(r_j, w) (law/cov_w) against the change realised on the probe prompts "
+            "(law/realised), pooled over objectives and seeds; sign agreement leaves out pairs where either is 0.")]
 
     weight_images = [img for key in f.pareto if (img := weights_figure(f, palette, key)) is not None]
     if weight_images:

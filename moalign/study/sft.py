@@ -111,5 +111,5 @@ def fine_tune(recipe: SFTRecipe, progress: bool = True):
     prompts, answers = sft_examples(recipe)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.seed)
-        warm_up(model, tokenizer, prompts, answers, recipe, recipe.seed, progress)
+        warm_up(model, tokenizer, prompts, answers, recipe, progress=progress)
     return model.eval(), tokenizer

@@ -1,0 +1,72 @@
+"""Seconds per training step of ``engine=trl`` (TRL's GRPOTrainer driven by moalign's CTWA) against the native
+engine, on the same ``tiny`` config, measured in the same run.
+
+    python bench/engines.py [--steps 6] [--threads 2] [key=value ...]
+
+A step is one rollout batch: sampling, scoring, the policy update and CTWA's update (its post-update forward
+included); evaluation and checkpointing are excluded for both engines (native: the sum of its phase timers; TRL:
+wall time between step ends minus evaluation). The first step (warm-up) is dropped; the median of the rest is
+reported as ``name: value`` lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+from pathlib import Path
+
+from _common import report, set_threads
+
+CONFIG = ["model=tiny", "weighting=ctwa", "device=cpu", "log.progress=false", "rollout.prompts_per_step=4",
+          "rollout.group_size=4", "rollout.max_new_tokens=48", "optim.micro_batch_size=8", "eval.num_prompts=4",
+          "eval.test_at_end=false", "checkpoint.every=0"]
+
+
+def step_seconds(run_dir: Path) -> list[float]:
+    from moalign.engine.metrics import read_metrics
+
+    return [line["perf/step_s"] for line in read_metrics(run_dir / "metrics.jsonl") if "perf/step_s" in line]
+
+
+def run_engine(engine: str, steps: int, overrides: list[str], root: Path) -> float:
+    """Median seconds per step (first step dropped) of one engine on the shared config."""
+    from moalign.config import TrainConfig, build_config
+
+    run_dir = root / engine
+    run_dir.mkdir()
+    cfg = build_config(TrainConfig, {}, [*CONFIG, f"steps={steps}", f"engine={engine}", f"run_dir={run_dir}",
+                                         *overrides])
+    if engine == "trl":
+        from moalign.integrations.trl import train_with_trl
+
+        train_with_trl(cfg, run_dir)
+    else:
+        from moalign.engine.trainer import Trainer
+
+        Trainer(cfg, run_dir).run()
+    return statistics.median(step_seconds(run_dir)[1:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("overrides", nargs="*", help="extra key=value config overrides for both engines")
+    args = parser.parse_args()
+    set_threads(args.threads)
+    from moalign.config import ModelConfig
+    from moalign.models.loading import load_model
+
+    load_model(ModelConfig(name="tiny"))  # builds the tiny model once, outside the timings
+    report("steps", args.steps)
+    with tempfile.TemporaryDirectory(prefix="moalign-bench-engines-") as tmp:
+        native = run_engine("native", args.steps, args.overrides, Path(tmp))
+        report("native_s_per_step", native)
+        trl = run_engine("trl", args.steps, args.overrides, Path(tmp))
+        report("trl_s_per_step", trl)
+    report("trl_over_native", trl / native)
+
+
+if __name__ == "__main__":
+    main()
