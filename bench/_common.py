@@ -25,6 +25,21 @@ def timed(fn: Callable[[], T]) -> tuple[T, float]:
     return result, time.perf_counter() - start
 
 
+def time_alternately(fns: dict[str, Callable[[int], T]], repeats: int, min_seconds: float = 0.0
+                     ) -> dict[str, list[tuple[T, float]]]:
+    """``(result, seconds)`` of ``fn(round)`` for every function and round. The functions take turns, in reversed
+    order every other round, so drifts in a shared machine's load hit all of them alike; rounds continue past
+    ``repeats`` until each function has run ``min_seconds`` in total (short runs are mostly timer noise)."""
+    runs: dict[str, list[tuple[T, float]]] = {name: [] for name in fns}
+    total = lambda name: sum(seconds for _, seconds in runs[name])  # noqa: E731
+    rounds = 0
+    while rounds < repeats or min(total(name) for name in fns) < min_seconds:
+        for name in (list(fns) if rounds % 2 == 0 else list(fns)[::-1]):
+            runs[name].append(timed(lambda: fns[name](rounds)))
+        rounds += 1
+    return runs
+
+
 def matmul_peak_gflops(size: int = 1024, repeats: int = 10) -> float:
     """Best observed fp32 GFLOP/s of a ``size``³ matmul (2·size³ flops): what a compute-bound forward can reach
     on this machine with the current thread count. The best of ``repeats`` discounts other users' load."""

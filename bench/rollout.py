@@ -2,8 +2,9 @@
 
 Both sample with the same settings (temperature 1, top_k 0, top_p 1) from the same prompts, arithmetic problems of
 the default data config in the model's chat template, ``prompts × samples`` per batch, each response stopping at its
-own EOS or at ``--max-new-tokens``. The two are timed alternately in one process (the machine is shared, so only
-their ratio is meaningful); throughput is generated tokens (through EOS) per second, summed over the repeats.
+own EOS or at ``--max-new-tokens``. The two take turns in one process, round r of both from seed r (the machine is
+shared, so their ratio means more than either rate); throughput is generated tokens (through EOS) per second over
+all rounds.
 
 The greedy check decodes 16 distinct prompts greedily with both and compares the token ids; being the same tokens,
 its time ratio is an exact like-for-like speedup.
@@ -18,7 +19,7 @@ import argparse
 import importlib.util
 
 import torch
-from _common import matmul_peak_gflops, report, set_threads, timed
+from _common import matmul_peak_gflops, report, set_threads, time_alternately
 
 from moalign.config import ModelConfig
 from moalign.data import DataConfig, load_data
@@ -48,36 +49,44 @@ def flops_per_token(model) -> float:
 
 
 def compare_sampling(model, tokenizer, prompts: list[list[int]], samples: int, max_new_tokens: int, repeats: int,
-                     seed: int) -> dict[str, dict[str, float]]:
-    """Tokens, seconds, responses and truncations per sampler, summed over ``repeats`` (order alternated)."""
+                     min_seconds: float, seed: int) -> dict[str, dict[str, float]]:
+    """Generated tokens, seconds, responses and truncated responses per sampler, summed over the rounds; round r
+    of both samplers starts from seed ``seed + r``."""
     batch = [p for p in prompts for _ in range(samples)]
     groups = [g for g in range(len(prompts)) for _ in range(samples)]
-    totals = {name: {"tokens": 0.0, "seconds": 0.0, "responses": 0.0, "truncated": 0.0} for name in SAMPLERS}
-    for r in range(repeats):
-        for name in (list(SAMPLERS) if r % 2 == 0 else list(SAMPLERS)[::-1]):
-            torch.manual_seed(seed + r)
-            rollout, seconds = timed(lambda: SAMPLERS[name](model, tokenizer, batch, groups, groups, max_new_tokens,
-                                                            temperature=1.0, top_p=1.0))
-            t = totals[name]
-            t["tokens"] += float(rollout.response_mask.sum())
-            t["seconds"] += seconds
-            t["responses"] += len(rollout)
-            t["truncated"] += float(rollout.truncated.sum())
-    return totals
+
+    def sampling_with(sampler):
+        def run(round_index: int):
+            torch.manual_seed(seed + round_index)
+            return sampler(model, tokenizer, batch, groups, groups, max_new_tokens, temperature=1.0, top_p=1.0)
+        return run
+
+    runs = time_alternately({name: sampling_with(s) for name, s in SAMPLERS.items()}, repeats, min_seconds)
+    return {name: {"tokens": sum(float(r.response_mask.sum()) for r, _ in pairs),
+                   "seconds": sum(seconds for _, seconds in pairs),
+                   "responses": sum(len(r) for r, _ in pairs),
+                   "truncated": sum(float(r.truncated.sum()) for r, _ in pairs)}
+            for name, pairs in runs.items()}
 
 
-def compare_greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> tuple[int, float, float]:
-    """(rows whose tokens differ, seconds of generate, seconds of fast_generate) on greedy decoding."""
+def compare_greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, min_seconds: float
+                   ) -> tuple[int, float]:
+    """(rows whose greedy tokens differ between the samplers, time of generate / time of fast_generate)."""
     index = list(range(len(prompts)))
-    reference, t_generate = timed(lambda: generate(model, tokenizer, prompts, index, index, max_new_tokens,
-                                                   greedy=True))
-    fast, t_fast = timed(lambda: fast_generate(model, tokenizer, prompts, index, index, max_new_tokens, greedy=True))
-    same_shape = reference.response_ids.shape == fast.response_ids.shape
-    differing = len(prompts) if not same_shape else int((reference.response_ids != fast.response_ids).any(-1).sum())
-    return differing, t_generate, t_fast
+    runs = time_alternately({name: lambda _, s=s: s(model, tokenizer, prompts, index, index, max_new_tokens,
+                                                    greedy=True)
+                             for name, s in SAMPLERS.items()}, 1, min_seconds)
+    reference, fast = runs["generate"][0][0], runs["fast"][0][0]
+    if reference.response_ids.shape != fast.response_ids.shape:
+        differing = len(prompts)
+    else:
+        differing = int((reference.response_ids != fast.response_ids).any(-1).sum())
+    seconds = {name: sum(t for _, t in pairs) for name, pairs in runs.items()}
+    return differing, seconds["generate"] / seconds["fast"]
 
 
-def bench_model(key: str, shapes: list[tuple[int, int]], max_new_tokens: int, repeats: int, peak: float) -> None:
+def bench_model(key: str, shapes: list[tuple[int, int]], max_new_tokens: int, repeats: int, min_seconds: float,
+                peak: float) -> None:
     model, tokenizer = load_model(ModelConfig(name=MODEL_NAMES[key]))
     model.eval()
     report(f"{key}_params_m", sum(p.numel() for p in model.parameters()) / 1e6)
@@ -85,14 +94,15 @@ def bench_model(key: str, shapes: list[tuple[int, int]], max_new_tokens: int, re
     prompts = chat_prompts(tokenizer, max(p for p, _ in shapes) + 16)
     report(f"{key}_mean_prompt_tokens", sum(map(len, prompts)) / len(prompts))
 
-    differing, t_generate, t_fast = compare_greedy(model, tokenizer, prompts[:16], max_new_tokens)
+    differing, speedup = compare_greedy(model, tokenizer, prompts[:16], max_new_tokens, min_seconds)
     report(f"greedy_identical_{key}_b16", differing == 0)
     report(f"greedy_rows_differing_{key}_b16", differing)
-    report(f"greedy_speedup_{key}_b16", t_generate / t_fast)
+    report(f"greedy_speedup_{key}_b16", speedup)
 
     for n_prompts, samples in shapes:
         b = n_prompts * samples
-        totals = compare_sampling(model, tokenizer, prompts[:n_prompts], samples, max_new_tokens, repeats, seed=b)
+        totals = compare_sampling(model, tokenizer, prompts[:n_prompts], samples, max_new_tokens, repeats,
+                                  min_seconds, seed=b)
         rate = {name: t["tokens"] / t["seconds"] for name, t in totals.items()}
         for name, t in totals.items():
             report(f"rollout_tokens_per_s_{name}_{key}_b{b}", rate[name])
@@ -111,6 +121,8 @@ def main() -> None:
     parser.add_argument("--shapes", default="4x4,8x8", help="prompts×samples per batch, comma-separated")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--min-seconds", type=float, default=5.0,
+                        help="keep repeating until each sampler ran this long (matters for the tiny model)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
 
@@ -121,7 +133,7 @@ def main() -> None:
         if key == "tiny" and importlib.util.find_spec("moalign.models.tiny") is None:
             report("tiny_skipped", "moalign.models.tiny does not exist yet")
             continue
-        bench_model(key, parse_shapes(args.shapes), args.max_new_tokens, args.repeats, peak)
+        bench_model(key, parse_shapes(args.shapes), args.max_new_tokens, args.repeats, args.min_seconds, peak)
 
 
 if __name__ == "__main__":

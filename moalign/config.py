@@ -129,6 +129,17 @@ class EstimatorConfig(NamedSection):
         return self
 
 
+class DiagnosticsConfig(Section):
+    law: bool = Field(True, description="covariance-law statistics every step (one no-grad forward after the update "
+                                        "unless the weighting already needs it)")
+    probe_prompts: Optional[int] = Field(None, ge=0, description="val prompts re-sampled after every update to measure "
+                                         "realised changes; None: 8 on tiny, off (0) on real models")
+    probe_group_size: int = Field(4, ge=1)
+    warn_after: int = Field(3, ge=1, description="warn when an objective's covariance is negative this many steps")
+    j_star: Optional[float] = Field(None, description="J* of the scalarized score for the μ-PL estimate; None: the "
+                                    "score of an all-ones reward vector")
+
+
 class CheckpointConfig(Section):
     every: int = Field(0, ge=0, description="checkpoint every k steps (0: only at the end and on SIGINT/SIGTERM)")
     keep: int = Field(2, ge=1)
@@ -151,6 +162,7 @@ class TrainConfig(Section):
     loss: LossConfig = Field(default_factory=LossConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    diagnostics: DiagnosticsConfig = Field(default_factory=DiagnosticsConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     steps: int = Field(8, ge=1)

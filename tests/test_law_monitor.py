@@ -43,6 +43,19 @@ def test_agreement_and_warning():
     assert mon.realise(torch.zeros(2), torch.ones(2)) == {}  # nothing pending
 
 
+def test_batch_agreement_and_state_round_trip():
+    mon = LawMonitor(["a", "b"])
+    adv = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    r1 = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])  # means (0.5, 0.5); predicts a up, b down
+    r2 = torch.tensor([[1.0, 0.0], [1.0, 1.0], [1.0, 0.0], [0.0, 0.0]])  # means (0.75, 0.25): both as predicted
+    mon.observe_step(stats(r1, adv, adv))
+    out = mon.observe_step(stats(r2, adv, adv))
+    assert out["law/batch_sign_agreement"] == pytest.approx(1.0) and out["law/batch_num_pairs"] == 2
+    clone = LawMonitor(["a", "b"])
+    clone.load_state_dict(mon.state_dict())
+    assert clone.summary() == pytest.approx(mon.summary(), nan_ok=True)
+
+
 def test_pearson():
     assert pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0)
     assert pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)

@@ -240,3 +240,13 @@ def test_mismatched_and_empty_inputs_raise_user_errors(llama, tokenizer):
         fast_generate(llama, tokenizer, [[2, 3], [4]], [0, 1], [0], 4)
     with pytest.raises(UserError, match="empty prompt"):
         fast_generate(llama, tokenizer, [[2, 3], []], [0, 1], [0, 1], 4)
+
+
+def test_rollout_tensors_work_under_autograd(llama, tokenizer):
+    # the decode loop runs in inference mode; what it returns must still serve as gather indices of a backward pass
+    rollout = fast_generate(llama, tokenizer, random_prompts(3), [0, 1, 2], [0, 1, 2], 6)
+    assert not any(t.is_inference() for t in (rollout.response_ids, rollout.response_mask, rollout.sampler_logprobs))
+    loss = -response_logprobs(llama, rollout, micro_batch_size=3, grad=True).sum()
+    loss.backward()
+    assert llama.lm_head.weight.grad is not None
+    llama.zero_grad(set_to_none=True)

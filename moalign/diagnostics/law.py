@@ -26,20 +26,52 @@ from moalign.weighting.base import StepStats
 
 
 @dataclass
+class Agreement:
+    """Predicted vs realised changes of every (step, objective) pair seen so far."""
+
+    predicted: list[float] = field(default_factory=list)
+    realised: list[float] = field(default_factory=list)
+
+    def add(self, predicted: torch.Tensor, realised: torch.Tensor) -> None:
+        for p, r in zip(predicted.tolist(), realised.tolist()):
+            if math.isfinite(p) and math.isfinite(r):
+                self.predicted.append(p)
+                self.realised.append(r)
+
+    def summary(self, prefix: str) -> dict[str, float]:
+        """The share of pairs whose predicted and realised changes have the same strict sign (pairs where either is
+        0 are left out), and their Pearson correlation."""
+        pairs = [(p, r) for p, r in zip(self.predicted, self.realised) if p != 0 and r != 0]
+        agree = sum((p > 0) == (r > 0) for p, r in pairs) / len(pairs) if pairs else math.nan
+        return {f"{prefix}sign_agreement": agree, f"{prefix}correlation": pearson(self.predicted, self.realised),
+                f"{prefix}num_pairs": float(len(pairs))}
+
+
+@dataclass
 class LawMonitor:
+    """Two realised changes are compared with each prediction: the probe set's (``realise``, exact up to sampling
+    noise with common random numbers) and, for free on every run, the next training batch's per-objective means
+    (``batch_``-prefixed metrics; other prompts, so noisier)."""
+
     objectives: Sequence[str]
     warn_after: int = 3
-    predicted: list[float] = field(default_factory=list)  # Cov(r_j, w) of every (step, objective) with a realised change
-    realised: list[float] = field(default_factory=list)
-    _pending: torch.Tensor | None = None
+    probe: Agreement = field(default_factory=Agreement)
+    batch: Agreement = field(default_factory=Agreement)
+    _pending: torch.Tensor | None = None  # prediction awaiting the probe's realised change
+    _pending_batch: tuple[torch.Tensor, torch.Tensor] | None = None  # (prediction, batch means) of the last step
     _streak: list[int] = field(default_factory=list)
 
     def __post_init__(self):
-        self._streak = [0] * len(self.objectives)
+        self._streak = self._streak or [0] * len(self.objectives)
 
     def observe_step(self, stats: StepStats) -> dict[str, float]:
-        """Covariances of this step (needs ``stats.new_logprobs``); remembers the prediction for ``realise``."""
+        """Covariances of this step (Cov(r, w) needs ``stats.new_logprobs``); the previous step's prediction is
+        checked against this batch's means, and this step's prediction waits for ``realise``/the next batch."""
         out: dict[str, float] = {}
+        means = torch.nanmean(stats.rewards.double(), dim=0)
+        if self._pending_batch is not None:
+            self.batch.add(self._pending_batch[0], means - self._pending_batch[1])
+            out.update(self.batch.summary("law/batch_"))
         cov_s = group_covariance(stats.rewards, stats.scores, stats.group_ids).cov
         if stats.new_logprobs is None:
             cov_w = None
@@ -49,8 +81,9 @@ class LawMonitor:
             cov_w = group_covariance(stats.rewards, sig.w, stats.group_ids, valid=drop_outliers(sig.w)).cov
             out["law/unclipped_fraction"] = float(sig.unclipped_fraction)
             out["law/clip_distortion"] = float(sig.distortion)
-        pred = cov_w if cov_w is not None else cov_s
+        pred = (cov_w if cov_w is not None else cov_s).double()
         self._pending = pred.clone()
+        self._pending_batch = (pred.clone(), means)
         for j, name in enumerate(self.objectives):
             out[f"law/cov_s/{name}"] = float(cov_s[j])
             if cov_w is not None:
@@ -69,24 +102,24 @@ class LawMonitor:
         if self._pending is None:
             return {}
         delta = (after - before).double()
-        out: dict[str, float] = {}
-        for j, name in enumerate(self.objectives):
-            p, r = float(self._pending[j]), float(delta[j])
-            out[f"law/realised/{name}"] = r
-            if math.isfinite(p) and math.isfinite(r):
-                self.predicted.append(p)
-                self.realised.append(r)
+        self.probe.add(self._pending, delta)
         self._pending = None
-        out.update(self.summary())
+        out = {f"law/realised/{name}": float(delta[j]) for j, name in enumerate(self.objectives)}
+        out.update(self.probe.summary("law/"))
         return out
 
     def summary(self) -> dict[str, float]:
-        """Running agreement: the share of (step, objective) pairs whose predicted and realised changes have the same
-        strict sign (pairs where either is 0 are left out), and their Pearson correlation."""
-        pairs = [(p, r) for p, r in zip(self.predicted, self.realised) if p != 0 and r != 0]
-        agree = sum((p > 0) == (r > 0) for p, r in pairs) / len(pairs) if pairs else math.nan
-        return {"law/sign_agreement": agree, "law/correlation": pearson(self.predicted, self.realised),
-                "law/num_pairs": float(len(pairs))}
+        return {**self.probe.summary("law/"), **self.batch.summary("law/batch_")}
+
+    def state_dict(self) -> dict:
+        return {"probe": (self.probe.predicted, self.probe.realised), "batch": (self.batch.predicted,
+                self.batch.realised), "pending_batch": self._pending_batch, "streak": list(self._streak)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.probe = Agreement(*map(list, state["probe"]))
+        self.batch = Agreement(*map(list, state["batch"]))
+        self._pending_batch = state["pending_batch"]
+        self._streak = list(state["streak"])
 
 
 def pearson(x: Sequence[float], y: Sequence[float]) -> float:

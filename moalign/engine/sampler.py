@@ -168,9 +168,11 @@ def _accepts_logits_to_keep(model) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
+@torch.inference_mode()
 def sample_batch(model, prompts: list[list[int]], max_new_tokens: int, eos: set[int], pad_id: int,
                  temperature: float, top_p: float, greedy: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Responses [n, T] (``pad_id`` after a row's EOS; T = the longest response) and their log-probs [n, T]."""
+    """Responses [n, T] (``pad_id`` after a row's EOS; T = the longest response) and their log-probs [n, T], as
+    inference-mode tensors (copy them before autograd sees them, as ``fast_generate`` does)."""
     device = next(model.parameters()).device
     distinct: dict[tuple[int, ...], int] = {}
     group_of = torch.tensor([distinct.setdefault(tuple(p), len(distinct)) for p in prompts], device=device)
@@ -252,6 +254,8 @@ def fast_generate(model, tokenizer, prompt_token_ids: list[list[int]], example_i
     chunks = [sample_batch(model, prompt_token_ids[start:start + bs], max_new_tokens, eos, pad_id, temperature,
                            top_p, greedy)
               for start in range(0, len(prompt_token_ids), bs)]
+    # Right-pad the chunks to one width; being made outside inference mode, the copies are ordinary tensors that
+    # the trainer may later use under autograd.
     width = max(ids.shape[1] for ids, _ in chunks)
     pad_right = torch.nn.functional.pad
     response_ids = torch.cat([pad_right(ids, (0, width - ids.shape[1]), value=pad_id) for ids, _ in chunks])

@@ -28,19 +28,24 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from moalign.config import TrainConfig, dump_config
+from moalign.config import TrainConfig
 from moalign.data import Example, load_data
 from moalign.engine import checkpoint as ckpt
 from moalign.engine.metrics import MetricsWriter
 from moalign.engine.rollout import Rollout, generate, micro_batch_logprobs, response_logprobs
 from moalign.errors import UserError
-from moalign.models import load_model, prepare_trainable
+from moalign.diagnostics.law import LawMonitor
+from moalign.diagnostics.pl import PLEstimator
+from moalign.models import chat_messages, load_model, prepare_trainable, system_prompt_for
 from moalign.objectives import Objective, ScoringBatch, load_objective
 from moalign.rl.estimators import get_estimator
 from moalign.rl.loss import aggregate, kl_penalty, policy_loss
 from moalign.weighting import StepStats, Weighting, make_weighting
 from moalign.weighting.base import per_objective_advantages
+
+tqdm_write = tqdm.write
 
 
 def seed_everything(seed: int) -> None:
@@ -143,6 +148,13 @@ class Trainer:
                                      cfg.log.mlflow, run_name=self.run_dir.name, config=cfg.model_dump(mode="json"))
         self.eval_history: list[dict[str, Any]] = []
         self._stop_signal: int | None = None
+        d = cfg.diagnostics
+        self.law = LawMonitor(self.objective_names, d.warn_after) if d.law else None
+        self.pl = PLEstimator()
+        self.j_star = d.j_star if d.j_star is not None else self._max_score()
+        n_probe = d.probe_prompts if d.probe_prompts is not None else (8 if cfg.model.name == "tiny" else 0)
+        self.num_probe = min(n_probe, len(self.splits["val"])) if d.law else 0
+        self._probe_last: torch.Tensor | None = None  # probe means under the current policy (recomputable)
         if resume:
             self._resume()
 
@@ -150,8 +162,9 @@ class Trainer:
 
     def _encode(self, split: str, examples: list[Example]) -> list[list[int]]:
         out, limit = [], self.cfg.rollout.max_prompt_tokens
+        system_prompt = system_prompt_for(self.cfg.model)
         for i, ex in enumerate(examples):
-            text = self.tokenizer.apply_chat_template([{"role": "user", "content": ex.prompt}], tokenize=False,
+            text = self.tokenizer.apply_chat_template(chat_messages(ex.prompt, system_prompt), tokenize=False,
                                                       add_generation_prompt=True)
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             if len(ids) > limit:
@@ -194,8 +207,13 @@ class Trainer:
             # length) have their first statistic instead of the degenerate "everything is short" start.
             self._evaluate_start()
         mb = cfg.optim.micro_batch_size
-        with timer("old_logprobs"):
-            old_lp = response_logprobs(self.model, rollout, mb, r.temperature).cpu()
+        if self.num_probe and self._probe_last is None:
+            with timer("probe"):
+                self._probe_last = self._probe_means()
+        old_lp = None  # exactly on-policy (1 epoch, 1 mini-batch): π_old is the update's own detached forward
+        if not self._exactly_on_policy():
+            with timer("old_logprobs"):
+                old_lp = response_logprobs(self.model, rollout, mb, r.temperature).cpu()
         ref_lp = None
         if cfg.loss.kl_coef > 0:
             with timer("ref_logprobs"):
@@ -216,7 +234,7 @@ class Trainer:
         with timer("update"):
             upd = self._update(rollout, old_lp, ref_lp, advantages.float(), per_obj, stats)
             ckpt.fault_point(f"update:{self.step_idx + 1}")
-        if w.needs_post_update_logprobs:
+        if w.needs_post_update_logprobs or self.law is not None:
             with timer("post_logprobs"):
                 self.model.eval()
                 stats.new_logprobs = response_logprobs(self.model, rollout, mb, r.temperature).cpu()
@@ -228,6 +246,8 @@ class Trainer:
         record.update(upd)
         record.update(w.metrics())
         record.update(wmetrics)
+        with timer("diagnostics"):
+            record.update(self._diagnostics(stats, record))
         n_tok = float(mask.sum())
         record.update(timer.metrics())
         record["perf/sample_tokens_per_s"] = n_tok / max(timer.seconds["sample"], 1e-9)
@@ -270,7 +290,7 @@ class Trainer:
         for _ in range(o.ppo_epochs):
             perm = torch.randperm(B, generator=gen)
             for mini in perm.chunk(o.mini_batches):
-                part = self._mini_batch_gradients(rollout.select(mini), old_lp[mini],
+                part = self._mini_batch_gradients(rollout.select(mini), None if old_lp is None else old_lp[mini],
                                                   None if ref_lp is None else ref_lp[mini], advantages[mini],
                                                   None if per_obj is None else per_obj[mini], stats)
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.params, o.grad_clip)
@@ -286,7 +306,13 @@ class Trainer:
         out = {f"loss/{k}" if not k.startswith(("clip", "grad")) else f"actor/{k}": v / n_updates
                for k, v in sums.items()}
         out["actor/skipped_steps"] = self.skipped_steps
+        if old_lp is None:  # on-policy: the forward of the (single) update is π_old, record it for the weighting
+            stats.old_logprobs = torch.empty_like(rollout.response_mask)
+            stats.old_logprobs[perm] = torch.cat(self._onpolicy_logprobs)
         return out
+
+    def _exactly_on_policy(self) -> bool:
+        return self.cfg.optim.ppo_epochs == 1 and self.cfg.optim.mini_batches == 1
 
     def _mini_batch_gradients(self, mini: Rollout, old_lp, ref_lp, adv, per_obj, stats) -> dict[str, float]:
         """Accumulate the mini-batch's gradient into ``.grad`` (micro-batch by micro-batch)."""
@@ -297,13 +323,18 @@ class Trainer:
         agg = dict(mode=lc.loss_agg, norm_len=norm_len, num_tokens=n_tok, num_seqs=n_seq)
         gradient_level = per_obj is not None
         obj_grads = None
+        self._onpolicy_logprobs = []
         logs = {"policy": 0.0, "kl": 0.0, "clipfrac": 0.0, "clipfrac_lower": 0.0}
         for start in range(0, len(mini), mb):
             sl = slice(start, start + mb)
             m = mini.response_mask[sl].to(self.device)
             lp = micro_batch_logprobs(self.model, mini.prompt_ids[sl], mini.prompt_mask[sl], mini.response_ids[sl],
                                       mini.response_mask[sl], self.cfg.rollout.temperature, grad=True)
-            old = old_lp[sl].to(self.device)
+            if old_lp is None:
+                old = lp.detach()
+                self._onpolicy_logprobs.append(old.cpu())
+            else:
+                old = old_lp[sl].to(self.device)
             frac = float(m.sum()) / n_tok
             kl = torch.zeros((), device=self.device)
             if ref_lp is not None:
@@ -354,6 +385,47 @@ class Trainer:
             p.grad = d if p.grad is None else p.grad + d
             offset += n
 
+    # ------------------------------------------------------------------------------------------ diagnostics
+
+    def _max_score(self) -> float:
+        """J* for the μ-PL estimate: the scalarized score of a sample that satisfies every objective (rewards in
+        [0, 1]); for advantage- and gradient-level weightings, the sum of the current weights."""
+        ones = torch.ones(1, len(self.objective_names))
+        if self.weighting.family == "reward":
+            return float(self.weighting.scalarize(ones, torch.zeros(1, dtype=torch.long)))
+        return float(self.weighting.weights.sum())
+
+    def _diagnostics(self, stats: StepStats, record: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        grad_norm = record.get("actor/grad_norm")
+        if grad_norm is not None and math.isfinite(grad_norm):
+            out.update(self.pl.update(grad_norm ** 2, record["train/score/mean"], self.j_star))
+        if self.law is None:
+            return out
+        out.update(self.law.observe_step(stats))
+        if self.num_probe:
+            after = self._probe_means()
+            out.update(self.law.realise(self._probe_last, after))
+            self._probe_last = after
+        for message in self.law.warnings():
+            out.setdefault("law/warning", message)
+            tqdm_write(f"step {self.step_idx}: warning: {message}")
+        return out
+
+    @torch.no_grad()
+    def _probe_means(self) -> torch.Tensor:
+        """Per-objective mean reward on the fixed probe prompts (the first val prompts, ``probe_group_size``
+        samples each), sampled with a fixed seed so successive measurements share their random numbers."""
+        d, r = self.cfg.diagnostics, self.cfg.rollout
+        prompts = [p for p in self.prompt_tokens["val"][:self.num_probe] for _ in range(d.probe_group_size)]
+        index = [i for i in range(self.num_probe) for _ in range(d.probe_group_size)]
+        self.model.eval()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.cfg.seed + 7_777_777)
+            rollout = generate(self.model, self.tokenizer, prompts, index, index, r.max_new_tokens, r.temperature,
+                               r.top_p)
+        return torch.nanmean(self.score(rollout, "val", observe=False).rewards.double(), dim=0)
+
     # ------------------------------------------------------------------------------------------ evaluation
 
     @torch.no_grad()
@@ -390,7 +462,8 @@ class Trainer:
                 "objectives": {o.name: o.state_dict() for o in self.objectives},
                 "stream": self.stream.state_dict(), "rng": ckpt.rng_state(), "skipped_steps": self.skipped_steps,
                 "metrics_offset": self.metrics.offset(), "eval_history": self.eval_history,
-                "finished": self.finished}
+                "finished": self.finished, "pl": self.pl._min_ratio,
+                "law": None if self.law is None else self.law.state_dict()}
 
     def save_checkpoint(self) -> Path:
         return ckpt.save_checkpoint(self.run_dir, self.step_idx, self.state_dict(), self.cfg.checkpoint.keep)
@@ -414,6 +487,9 @@ class Trainer:
         self.skipped_steps = state["skipped_steps"]
         self.eval_history = state["eval_history"]
         self.finished = state.get("finished", False)
+        self.pl._min_ratio = state.get("pl", math.inf)
+        if self.law is not None and state.get("law") is not None:
+            self.law.load_state_dict(state["law"])
         self.metrics.truncate(state["metrics_offset"])
         self._resumed_from = path
 
@@ -519,7 +595,8 @@ class Trainer:
             if rows:
                 table[split] = rows
         return {"steps": self.step_idx, "wall_seconds": wall_s, "objectives": self.objective_names,
-                "weighting": self.cfg.weighting.name, "final_weights": self.weighting.metrics(),
+                "weighting": self.cfg.weighting.name, "final_weights": {k: v for k, v in self.weighting.metrics().items()
+                                                                       if k.startswith("weight/")},
                 "eval": table, "skipped_steps": self.skipped_steps}
 
 
