@@ -172,7 +172,10 @@ def cmd_algorithms(args) -> int:
 
 
 def cmd_interference(args) -> int:
-    from moalign.diagnostics.interference import format_interference_table, interference_table
+    from moalign.diagnostics.interference import (
+        format_interference_table,
+        interference_table,
+    )
 
     rows = interference_table([Path(p) for p in args.run_dirs], split=args.split)
     print(format_interference_table(rows))

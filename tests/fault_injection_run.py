@@ -33,10 +33,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # a forked child must 
 
 import torch  # noqa: E402
 
+import moalign.engine.trainer  # noqa: E402, F401  (imported once, here, for every child)
 from moalign.cli import main  # noqa: E402
 from moalign.config import ModelConfig  # noqa: E402
 from moalign.engine.checkpoint import FAULT_ENV  # noqa: E402
-import moalign.engine.trainer  # noqa: E402, F401  (imported once, here, for every child)
 from moalign.models import load_model  # noqa: E402
 
 

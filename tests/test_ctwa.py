@@ -5,7 +5,11 @@ import math
 import pytest
 import torch
 
-from moalign.diagnostics.covariance import drop_outliers, group_covariance, training_signal
+from moalign.diagnostics.covariance import (
+    drop_outliers,
+    group_covariance,
+    training_signal,
+)
 from moalign.weighting import StepStats, make_weighting
 from moalign.weighting.linear import Linear
 

@@ -12,8 +12,15 @@ import pandas as pd
 import pytest
 from pydantic import ValidationError
 
-from moalign.data import DEFAULT_PROMPT_SUFFIX, DataConfig, Example, generate_problems, load_data, solution_steps
-from moalign.data.arithmetic import TEMPLATES, split_of
+from moalign.data import (
+    DEFAULT_PROMPT_SUFFIX,
+    DataConfig,
+    Example,
+    generate_problems,
+    load_data,
+    solution_steps,
+)
+from moalign.data.arithmetic import split_of
 from moalign.data.files import holdout_split, paper_split
 from moalign.errors import UserError
 

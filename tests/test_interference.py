@@ -10,10 +10,20 @@ import numpy as np
 import pytest
 import yaml
 
-from moalign.diagnostics.interference import (IntervalSettings, InterferenceReport, ObjectiveChange,
-                                              area_under_degradation, bootstrap_changes, curve_means,
-                                              format_interference_table, hypervolume, interference_summary,
-                                              interference_table, score_gain, t_interval)
+from moalign.diagnostics.interference import (
+    InterferenceReport,
+    IntervalSettings,
+    ObjectiveChange,
+    area_under_degradation,
+    bootstrap_changes,
+    curve_means,
+    format_interference_table,
+    hypervolume,
+    interference_summary,
+    interference_table,
+    score_gain,
+    t_interval,
+)
 from moalign.diagnostics.runs import choose_split, load_run, read_metrics
 from moalign.errors import UserError
 

@@ -13,7 +13,13 @@ torch.set_num_threads(1)
 
 from moalign.errors import UserError  # noqa: E402
 from moalign.objectives import (  # noqa: E402
-    DEFAULT_OBJECTIVES, OBJECTIVES, Objective, Sample, ScoringBatch, UserObjective, load_objective,
+    DEFAULT_OBJECTIVES,
+    OBJECTIVES,
+    Objective,
+    Sample,
+    ScoringBatch,
+    UserObjective,
+    load_objective,
 )
 from moalign.objectives import accuracy as accuracy_module  # noqa: E402
 from moalign.objectives.accuracy import Accuracy, answers_equivalent  # noqa: E402

@@ -5,8 +5,20 @@ import math
 import pytest
 import torch
 
-from moalign.diagnostics.pl import PLEstimator, estimate_L, estimate_mu, linear_rate_bound, pl_ratio
-from moalign.theory.lab import calibrated_ascent, gradient_ascent, path_curvature, pl_models, pl_study
+from moalign.diagnostics.pl import (
+    PLEstimator,
+    estimate_L,
+    estimate_mu,
+    linear_rate_bound,
+    pl_ratio,
+)
+from moalign.theory.lab import (
+    calibrated_ascent,
+    gradient_ascent,
+    path_curvature,
+    pl_models,
+    pl_study,
+)
 from moalign.theory.problem import random_problem
 
 torch.set_num_threads(1)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_engine import TINY
 
 from moalign.cli import main
 from moalign.config import TrainConfig, build_config
@@ -28,7 +29,6 @@ from moalign.engine import checkpoint as ckpt
 from moalign.engine.metrics import MetricsWriter, read_metrics
 from moalign.engine.trainer import Trainer
 from moalign.errors import UserError
-from test_engine import TINY
 
 torch.set_num_threads(1)
 

@@ -5,12 +5,24 @@ import math
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast,
-                          Qwen2Config, Qwen2ForCausalLM)
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 from transformers.generation.logits_process import TopPLogitsWarper
 
 from moalign.engine.rollout import generate, response_logprobs
-from moalign.engine.sampler import fast_generate, nucleus_filter, sample_categorical, survivor_order
+from moalign.engine.sampler import (
+    fast_generate,
+    nucleus_filter,
+    sample_categorical,
+    survivor_order,
+)
 from moalign.errors import UserError
 
 torch.set_num_threads(1)
@@ -110,12 +122,23 @@ def test_greedy_matches_generate_in_chunks(llama, tokenizer):
     assert torch.equal(fast.truncated, reference.truncated)
 
 
-@pytest.mark.parametrize("name", ["qwen2", "mistral_sliding_window"])
+def other_model(name: str) -> torch.nn.Module:
+    if name == "qwen2":  # attention biases
+        return tiny_model(Qwen2Config, Qwen2ForCausalLM)
+    if name == "mistral_sliding_window":  # not a plain cache: the sampler keeps transformers' own cache for it
+        return tiny_model(MistralConfig, MistralForCausalLM, sliding_window=4)
+    from peft import (  # a LoRA-wrapped policy, as model.lora makes it
+        LoraConfig,
+        get_peft_model,
+    )
+
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    return get_peft_model(tiny_model(LlamaConfig, LlamaForCausalLM), lora).eval()
+
+
+@pytest.mark.parametrize("name", ["qwen2", "mistral_sliding_window", "llama_lora"])
 def test_greedy_matches_generate_other_architectures(name, tokenizer):
-    # Qwen2 has attention biases; Mistral's 4-token sliding window makes the cache not a plain one, so the
-    # sampler keeps transformers' own cache for it.
-    model = (tiny_model(Qwen2Config, Qwen2ForCausalLM) if name == "qwen2"
-             else tiny_model(MistralConfig, MistralForCausalLM, sliding_window=4))
+    model = other_model(name)
     reference, fast = both(model, tokenizer, random_prompts(10, seed=3), greedy=True)
     assert (~reference.truncated).any()
     assert torch.equal(fast.response_ids, reference.response_ids)

@@ -8,10 +8,28 @@ import torch
 
 from moalign.errors import UserError
 from moalign.theory.lab import LAW_ETAS, covariance_law, error_slope, format_table
-from moalign.theory.problem import (DTYPE, SoftmaxProblem, correlated_rewards, expected, policy_covariance,
-                                    random_features, random_problem, stretched_features, tabular_features)
-from moalign.theory.updates import (Clipped, Natural, Tilt, Vanilla, all_pairs, clipped_update, run, sample_groups,
-                                    tilt)
+from moalign.theory.problem import (
+    DTYPE,
+    SoftmaxProblem,
+    correlated_rewards,
+    expected,
+    policy_covariance,
+    random_features,
+    random_problem,
+    stretched_features,
+    tabular_features,
+)
+from moalign.theory.updates import (
+    Clipped,
+    Natural,
+    Tilt,
+    Vanilla,
+    all_pairs,
+    clipped_update,
+    run,
+    sample_groups,
+    tilt,
+)
 from moalign.weighting.base import Weighting
 
 torch.set_num_threads(1)

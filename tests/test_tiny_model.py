@@ -13,7 +13,14 @@ import torch
 import moalign.models.tiny as tiny
 from moalign.data import DEFAULT_PROMPT_SUFFIX, generate_problems
 from moalign.errors import UserError
-from moalign.models.tiny import EOS, TinyRecipe, chat_prompt, load_tiny, recipe_hash, warmup_answer
+from moalign.models.tiny import (
+    EOS,
+    TinyRecipe,
+    chat_prompt,
+    load_tiny,
+    recipe_hash,
+    warmup_answer,
+)
 
 torch.set_num_threads(1)
 

@@ -26,8 +26,18 @@ from moalign.config import TrainConfig, build_config  # noqa: E402
 from moalign.data import DataConfig, load_data  # noqa: E402
 from moalign.errors import UserError  # noqa: E402
 from moalign.integrations.trl import (  # noqa: E402
-    STATE_FILE, TRL_VERSION, MultiObjectiveGRPOTrainer, ObjectiveReward, RolloutCycle, moalign_record,
-    plan_trl_run, prompt_group_ids, prompt_key, reward_metrics, train_with_trl)
+    STATE_FILE,
+    TRL_VERSION,
+    MultiObjectiveGRPOTrainer,
+    ObjectiveReward,
+    RolloutCycle,
+    moalign_record,
+    plan_trl_run,
+    prompt_group_ids,
+    prompt_key,
+    reward_metrics,
+    train_with_trl,
+)
 from moalign.integrations.trl import main as trl_main  # noqa: E402
 from moalign.objectives import Sample  # noqa: E402
 from moalign.objectives.conciseness import Conciseness  # noqa: E402

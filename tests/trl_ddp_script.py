@@ -29,7 +29,12 @@ def build_random_model(folder: Path, corpus: list[str], seed: int = 0) -> Path:
     """A 2-layer, 32-wide random Llama and a byte-level BPE tokenizer trained on ``corpus``, saved to ``folder``
     (loadable as ``model.name=<folder>``). Saving matters: TRL rebuilds the reference model from the path."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import (
+        GenerationConfig,
+        LlamaConfig,
+        LlamaForCausalLM,
+        PreTrainedTokenizerFast,
+    )
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -5,7 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from moalign.data.arithmetic import ArithmeticProblem, arithmetic_splits, generate_problems, solution_steps
+from moalign.data.arithmetic import (
+    ArithmeticProblem,
+    arithmetic_splits,
+    generate_problems,
+    solution_steps,
+)
 from moalign.data.base import DEFAULT_PROMPT_SUFFIX, DataConfig, Example, Splits
 from moalign.data.files import load_hub, load_tables, load_verl_folder, paper_split
 

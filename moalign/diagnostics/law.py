@@ -21,7 +21,11 @@ from typing import Sequence
 
 import torch
 
-from moalign.diagnostics.covariance import drop_outliers, group_covariance, training_signal
+from moalign.diagnostics.covariance import (
+    drop_outliers,
+    group_covariance,
+    training_signal,
+)
 from moalign.weighting.base import StepStats
 
 

@@ -34,9 +34,13 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
-from moalign.engine.rollout import Rollout, eos_token_ids, left_pad, response_mask_from_ids
+from moalign.engine.rollout import (
+    Rollout,
+    eos_token_ids,
+    left_pad,
+    response_mask_from_ids,
+)
 from moalign.errors import UserError
-
 
 # ---- key/value storage --------------------------------------------------------------------------------------
 
@@ -165,7 +169,29 @@ def next_tokens(logits: torch.Tensor, temperature: float, top_p: float, greedy: 
 # ---- the decode loop ----------------------------------------------------------------------------------------
 
 def _accepts_logits_to_keep(model) -> bool:
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
+    """HF causal LMs take ``logits_to_keep`` (the prefill then sends one position per row through the LM head, not
+    all of them); wrappers such as PEFT models pass it on to the model they wrap."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def prefill(model, prompts: list[list[int]], pad_id: int, capacity: int
+            ) -> tuple[torch.Tensor, Cache, torch.Tensor]:
+    """Run every distinct prompt once. Returns, per entry of ``prompts``: the next-token logits [n, V] (float), a
+    cache row (copied from its prompt's; room for ``capacity`` positions) and the left-padded prompt mask [n, Tp]."""
+    device = next(model.parameters()).device
+    distinct: dict[tuple[int, ...], int] = {}
+    row_of = torch.tensor([distinct.setdefault(tuple(p), len(distinct)) for p in prompts], device=device)
+    ids, mask = (t.to(device) for t in left_pad([list(p) for p in distinct], pad_id))
+    extra = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+    out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                past_key_values=DynamicCache(config=model.config), use_cache=True, **extra)
+    cache = out.past_key_values
+    if SlotCache.supports(cache):
+        cache = SlotCache(cache, row_of, capacity)
+    else:
+        cache.batch_select_indices(row_of)
+    return out.logits[:, -1].float()[row_of], cache, mask[row_of]
 
 
 @torch.inference_mode()
@@ -174,30 +200,16 @@ def sample_batch(model, prompts: list[list[int]], max_new_tokens: int, eos: set[
     """Responses [n, T] (``pad_id`` after a row's EOS; T = the longest response) and their log-probs [n, T], as
     inference-mode tensors (copy them before autograd sees them, as ``fast_generate`` does)."""
     device = next(model.parameters()).device
-    distinct: dict[tuple[int, ...], int] = {}
-    group_of = torch.tensor([distinct.setdefault(tuple(p), len(distinct)) for p in prompts], device=device)
-    prompt_ids, prompt_mask = (t.to(device) for t in left_pad([list(p) for p in distinct], pad_id))
-    width = prompt_ids.shape[1]
+    width = max(len(p) for p in prompts)
+    logits, cache, prompt_mask = prefill(model, prompts, pad_id, capacity=width + max_new_tokens - 1)
     eos_ids = torch.tensor(sorted(eos), device=device)
-
-    cache = DynamicCache(config=model.config)
-    extra = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0),
-                past_key_values=cache, use_cache=True, **extra)
-    logits = out.logits[:, -1].float()[group_of]
-    cache = out.past_key_values
-    if SlotCache.supports(cache):
-        cache = SlotCache(cache, group_of, capacity=width + max_new_tokens - 1)
-    else:
-        cache.batch_select_indices(group_of)
-
     n = len(prompts)
     responses = torch.full((n, max_new_tokens), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros((n, max_new_tokens), device=device)
     sample_of_row = torch.arange(n, device=device)  # which sequence each live cache row holds
-    next_position = prompt_mask.sum(-1)[group_of]
+    next_position = prompt_mask.sum(-1)  # of the token fed at step 1 (then + 1 per step)
     attention_mask = torch.ones((n, width + max_new_tokens), dtype=torch.long, device=device)
-    attention_mask[:, :width] = prompt_mask[group_of]
+    attention_mask[:, :width] = prompt_mask
     steps = 0
     for step in range(max_new_tokens):
         tokens, token_logprobs = next_tokens(logits, temperature, top_p, greedy)

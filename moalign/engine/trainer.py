@@ -32,13 +32,21 @@ from tqdm.auto import tqdm
 
 from moalign.config import TrainConfig
 from moalign.data import Example, load_data
-from moalign.engine import checkpoint as ckpt
-from moalign.engine.metrics import MetricsWriter
-from moalign.engine.rollout import Rollout, generate, micro_batch_logprobs, response_logprobs
-from moalign.errors import UserError
 from moalign.diagnostics.law import LawMonitor
 from moalign.diagnostics.pl import PLEstimator
-from moalign.models import chat_messages, load_model, prepare_trainable, system_prompt_for
+from moalign.engine import checkpoint as ckpt
+from moalign.engine import rollout as hf_rollout
+from moalign.engine.evaluation import (
+    encode_prompts,
+    eval_change_table,
+    evaluate_split,
+    score_batch,
+)
+from moalign.engine.metrics import MetricsWriter
+from moalign.engine.rollout import Rollout, micro_batch_logprobs, response_logprobs
+from moalign.engine.sampler import fast_generate
+from moalign.errors import UserError
+from moalign.models import load_model, prepare_trainable, system_prompt_for
 from moalign.objectives import Objective, ScoringBatch, load_objective
 from moalign.rl.estimators import get_estimator
 from moalign.rl.loss import aggregate, kl_penalty, policy_loss
@@ -130,7 +138,8 @@ class Trainer:
             raise UserError("the training split is empty; check data.path / data.num_train")
 
         model, self.tokenizer = load_model(cfg.model)
-        self.prompt_tokens = {name: self._encode(name, exs) for name, exs in self.splits.items()}
+        self.prompt_tokens = {name: encode_prompts(self.tokenizer, name, exs, cfg.rollout.max_prompt_tokens,
+                                                   system_prompt_for(cfg.model)) for name, exs in self.splits.items()}
         self.reference = None
         if cfg.loss.kl_coef > 0 and cfg.model.lora is None:
             self.reference = copy.deepcopy(model).eval().requires_grad_(False).to(self.device)
@@ -155,36 +164,17 @@ class Trainer:
         n_probe = d.probe_prompts if d.probe_prompts is not None else (8 if cfg.model.name == "tiny" else 0)
         self.num_probe = min(n_probe, len(self.splits["val"])) if d.law else 0
         self._probe_last: torch.Tensor | None = None  # probe means under the current policy (recomputable)
+        self.generate = fast_generate if cfg.rollout.sampler == "fast" else hf_rollout.generate
         if resume:
             self._resume()
 
     # ------------------------------------------------------------------------------------------ data
 
-    def _encode(self, split: str, examples: list[Example]) -> list[list[int]]:
-        out, limit = [], self.cfg.rollout.max_prompt_tokens
-        system_prompt = system_prompt_for(self.cfg.model)
-        for i, ex in enumerate(examples):
-            text = self.tokenizer.apply_chat_template(chat_messages(ex.prompt, system_prompt), tokenize=False,
-                                                      add_generation_prompt=True)
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            if len(ids) > limit:
-                raise UserError(f"{split} prompt {i} (id {ex.id}) has {len(ids)} tokens > rollout.max_prompt_tokens="
-                                f"{limit}; raise rollout.max_prompt_tokens or drop long prompts")
-            out.append(ids)
-        return out
-
     def score(self, rollout: Rollout, split: str, observe: bool) -> Scored:
         examples = self.splits[split]
         batch = ScoringBatch.from_lists([examples[i].prompt for i in rollout.example_index], rollout.texts,
                                         [examples[i].answer for i in rollout.example_index], rollout.num_tokens)
-        cols, errors = [], []
-        for obj in self.objectives:
-            if observe:
-                obj.observe(batch)
-            res = obj.score(batch)
-            cols.append(res.values)
-            errors.extend(res.errors)
-        return Scored(torch.stack(cols, 1), errors)
+        return Scored(*score_batch(self.objectives, batch, observe))
 
     # ------------------------------------------------------------------------------------------ one step
 
@@ -195,7 +185,7 @@ class Trainer:
         with timer("sample"):
             idx = self.stream.take(r.prompts_per_step)
             prompts = [self.prompt_tokens["train"][i] for i in idx for _ in range(r.group_size)]
-            rollout = generate(self.model, self.tokenizer, prompts, [i for i in idx for _ in range(r.group_size)],
+            rollout = self.generate(self.model, self.tokenizer, prompts, [i for i in idx for _ in range(r.group_size)],
                                [g for g in range(len(idx)) for _ in range(r.group_size)], r.max_new_tokens,
                                r.temperature, r.top_p)
             ckpt.fault_point(f"sample:{self.step_idx + 1}")
@@ -281,7 +271,7 @@ class Trainer:
 
     def _update(self, rollout, old_lp, ref_lp, advantages, per_obj, stats) -> dict[str, Any]:
         cfg = self.cfg
-        o, lc = cfg.optim, cfg.loss
+        o = cfg.optim
         self.model.train()
         B = len(rollout)
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + self.step_idx)
@@ -422,7 +412,7 @@ class Trainer:
         self.model.eval()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.seed + 7_777_777)
-            rollout = generate(self.model, self.tokenizer, prompts, index, index, r.max_new_tokens, r.temperature,
+            rollout = self.generate(self.model, self.tokenizer, prompts, index, index, r.max_new_tokens, r.temperature,
                                r.top_p)
         return torch.nanmean(self.score(rollout, "val", observe=False).rewards.double(), dim=0)
 
@@ -430,28 +420,10 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, split: str) -> dict[str, Any]:
-        cfg = self.cfg
-        n = len(self.splits[split]) if cfg.eval.num_prompts is None else min(cfg.eval.num_prompts,
-                                                                              len(self.splits[split]))
-        if n == 0:
-            return {}
-        self.model.eval()
-        t0 = time.perf_counter()
-        rollout = generate(self.model, self.tokenizer, self.prompt_tokens[split][:n], list(range(n)), list(range(n)),
-                           cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens, greedy=True,
-                           batch_size=max(cfg.optim.micro_batch_size, 16))
-        scored = self.score(rollout, split, observe=False)
-        out: dict[str, Any] = {}
-        for j, name in enumerate(self.objective_names):
-            col = scored.rewards[:, j]
-            ok = ~torch.isnan(col)
-            out[f"eval/{split}/{name}/mean"] = float(col[ok].mean()) if ok.any() else float("nan")
-            out[f"eval/{split}/{name}/per_prompt"] = [None if math.isnan(v) else v for v in col.tolist()]
-            out[f"eval/{split}/{name}/missing"] = int((~ok).sum())
-        out[f"eval/{split}/length/mean"] = float(np.mean(rollout.num_tokens))
-        out[f"eval/{split}/seconds"] = time.perf_counter() - t0
-        out[f"eval/{split}/sample_text"] = rollout.texts[0][:500]
-        return out
+        e = self.cfg.eval
+        return evaluate_split(self.model, self.tokenizer, self.generate, self.objectives, split, self.splits[split],
+                              self.prompt_tokens[split], e.num_prompts, e.max_new_tokens or self.cfg.rollout.max_new_tokens,
+                              batch_size=max(self.cfg.optim.micro_batch_size, 16))
 
     # ------------------------------------------------------------------------------------------ state
 
@@ -584,16 +556,7 @@ class Trainer:
         os.replace(tmp, out)
 
     def summary(self, wall_s: float) -> dict[str, Any]:
-        first, last = self.eval_history[0], self.eval_history[-1]
-        table = {}
-        for split in ("val", "test"):
-            rows = {}
-            for name in self.objective_names:
-                key = f"eval/{split}/{name}/mean"
-                if key in first and key in last:
-                    rows[name] = {"start": first[key], "end": last[key], "change": last[key] - first[key]}
-            if rows:
-                table[split] = rows
+        table = eval_change_table(self.eval_history, self.objective_names)
         return {"steps": self.step_idx, "wall_seconds": wall_s, "objectives": self.objective_names,
                 "weighting": self.cfg.weighting.name, "final_weights": {k: v for k, v in self.weighting.metrics().items()
                                                                        if k.startswith("weight/")},

@@ -43,7 +43,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -53,7 +52,12 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import trl
-from accelerate.utils import broadcast_object_list, gather, gather_object, pad_across_processes
+from accelerate.utils import (
+    broadcast_object_list,
+    gather,
+    gather_object,
+    pad_across_processes,
+)
 from pydantic import ValidationError
 from transformers import PrinterCallback, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
@@ -62,6 +66,7 @@ from trl.models.utils import disable_gradient_checkpointing
 
 from moalign.config import TrainConfig
 from moalign.engine.checkpoint import atomic_torch_save, load_checkpoint
+from moalign.engine.evaluation import encode_prompts, eval_change_table, evaluate_split
 from moalign.engine.metrics import MetricsWriter, read_metrics
 from moalign.engine.rollout import generate
 from moalign.errors import UserError
@@ -570,22 +575,6 @@ def plan_trl_run(cfg: TrainConfig, output_dir: Path, num_processes: int, use_cpu
     return TRLPlan(arguments, optimizer_steps, notes)
 
 
-def encode_prompts(tokenizer: Any, split: str, examples: Sequence[Any], limit: int,
-                   system_prompt: Optional[str]) -> list[list[int]]:
-    """Chat-template token ids of each prompt; a prompt over ``limit`` tokens is an error (never cut), as in the
-    native engine."""
-    out = []
-    for i, ex in enumerate(examples):
-        text = tokenizer.apply_chat_template(chat_messages(ex.prompt, system_prompt), tokenize=False,
-                                             add_generation_prompt=True)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) > limit:
-            raise UserError(f"{split} prompt {i} (id {ex.id}) has {len(ids)} tokens > rollout.max_prompt_tokens="
-                            f"{limit}; raise rollout.max_prompt_tokens or drop long prompts")
-        out.append(ids)
-    return out
-
-
 class HeldOutEvaluation:
     """Greedy evaluation of val/test prompts under the native engine's metric names (``eval/<split>/<objective>/
     mean``, ``per_prompt``, ``missing``, ``eval/<split>/length/mean``, ...). It only scores: objective state is
@@ -599,32 +588,9 @@ class HeldOutEvaluation:
         self.prompt_ids = {split: encode_prompts(tokenizer, split, splits[split], cfg.rollout.max_prompt_tokens,
                                                  system_prompt_for(cfg.model)) for split in ("val", "test")}
 
-    @torch.no_grad()
     def __call__(self, model: Any, split: str) -> dict[str, Any]:
-        examples = self.splits[split]
-        n = len(examples) if self.num_prompts is None else min(self.num_prompts, len(examples))
-        if n == 0:
-            return {}
-        was_training = model.training
-        model.eval()
-        start = time.perf_counter()
-        rollout = generate(model, self.tokenizer, self.prompt_ids[split][:n], list(range(n)), list(range(n)),
-                           self.max_new_tokens, greedy=True, batch_size=self.batch_size)
-        model.train(was_training)
-        batch = ScoringBatch.from_lists([ex.prompt for ex in examples[:n]], rollout.texts,
-                                        [ex.answer for ex in examples[:n]], rollout.num_tokens)
-        out: dict[str, Any] = {}
-        for objective in self.objectives:
-            values = objective.score(batch).values
-            observed = ~torch.isnan(values)
-            prefix = f"eval/{split}/{objective.name}"
-            out[f"{prefix}/mean"] = float(values[observed].mean()) if observed.any() else float("nan")
-            out[f"{prefix}/per_prompt"] = [None if math.isnan(v) else v for v in values.tolist()]
-            out[f"{prefix}/missing"] = int((~observed).sum())
-        out[f"eval/{split}/length/mean"] = sum(rollout.num_tokens) / n
-        out[f"eval/{split}/seconds"] = time.perf_counter() - start
-        out[f"eval/{split}/sample_text"] = rollout.texts[0][:500]
-        return out
+        return evaluate_split(model, self.tokenizer, generate, self.objectives, split, self.splits[split],
+                              self.prompt_ids[split], self.num_prompts, self.max_new_tokens, self.batch_size)
 
 
 def moalign_record(logs: dict[str, Any], own_names: set[str]) -> dict[str, Any]:
@@ -800,21 +766,6 @@ class RunInputs:
                                   "answer": [ex.answer for ex in train]})
 
 
-def eval_change_table(records: list[dict[str, Any]], objectives: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """``{split: {objective: {start, end, change}}}`` from the first and last evaluation lines (native summary)."""
-    table = {}
-    for split in ("val", "test"):
-        lines = [r for r in records if any(k.startswith(f"eval/{split}/") for k in r)]
-        rows = {}
-        for name in objectives:
-            key = f"eval/{split}/{name}/mean"
-            if lines and lines[0].get(key) is not None and lines[-1].get(key) is not None:
-                rows[name] = {"start": lines[0][key], "end": lines[-1][key], "change": lines[-1][key] - lines[0][key]}
-        if rows:
-            table[split] = rows
-    return table
-
-
 def export_model(trainer: MultiObjectiveGRPOTrainer, tokenizer: Any, run_dir: Path, lora: bool) -> None:
     """The trained policy as ``run_dir/model`` (LoRA merged into the base model), written under a temporary name and
     renamed. ``save_model`` runs on every process: under ZeRO-3 / FSDP it gathers the sharded weights."""
@@ -838,7 +789,9 @@ def export_model(trainer: MultiObjectiveGRPOTrainer, tokenizer: Any, run_dir: Pa
 
 
 def _write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
-    from moalign.cli import _write_summary as write_native_summary  # summary.json + interference, as native runs
+    from moalign.cli import (
+        _write_summary as write_native_summary,  # summary.json + interference, as native runs
+    )
 
     write_native_summary(run_dir, summary)
 
@@ -852,7 +805,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     """``python -m moalign.integrations.trl [--config FILE | --resume RUN_DIR] [--overwrite] [--trl FIELD=VALUE ...]
     key=value ...``: ``moalign train engine=trl`` for launchers (every process runs it; only the main one prepares
     run_dir). ``--trl`` sets a further GRPOConfig field (e.g. ``--trl use_vllm=true``)."""
-    from moalign.cli import build_parser, prepare_run_dir, print_summary, resolve_train_config, write_config
+    from moalign.cli import (
+        build_parser,
+        prepare_run_dir,
+        print_summary,
+        resolve_train_config,
+        write_config,
+    )
     from moalign.config import load_yaml, parse_overrides
     from moalign.engine.trainer import load_objectives_and_weighting
 

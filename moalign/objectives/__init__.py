@@ -18,8 +18,18 @@ from typing import Any, Union
 
 from moalign.errors import UserError
 from moalign.objectives import accuracy, clarity, conciseness, gated  # noqa: F401  (registers the built-ins)
-from moalign.objectives.base import OBJECTIVES, Objective, Sample, ScoreResult, ScoringBatch
-from moalign.objectives.user import DEFAULT_TIMEOUT_S, UserObjective, load_user_objective
+from moalign.objectives.base import (
+    OBJECTIVES,
+    Objective,
+    Sample,
+    ScoreResult,
+    ScoringBatch,
+)
+from moalign.objectives.user import (
+    DEFAULT_TIMEOUT_S,
+    UserObjective,
+    load_user_objective,
+)
 
 DEFAULT_OBJECTIVES = ("accuracy", "conciseness", "clarity")
 

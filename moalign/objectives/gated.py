@@ -16,7 +16,13 @@ from typing import Any
 import torch
 
 from moalign.objectives.accuracy import Accuracy
-from moalign.objectives.base import OBJECTIVES, Objective, Sample, ScoreResult, ScoringBatch
+from moalign.objectives.base import (
+    OBJECTIVES,
+    Objective,
+    Sample,
+    ScoreResult,
+    ScoringBatch,
+)
 from moalign.objectives.clarity import Clarity
 from moalign.objectives.conciseness import Conciseness
 

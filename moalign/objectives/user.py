@@ -15,7 +15,9 @@ import importlib
 import inspect
 import threading
 from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout  # an alias of the builtin one only from 3.11
+from concurrent.futures import (
+    TimeoutError as FutureTimeout,  # an alias of the builtin one only from 3.11
+)
 from typing import Any, Callable, Optional
 
 from moalign.errors import UserError

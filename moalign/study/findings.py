@@ -31,8 +31,18 @@ import pandas as pd
 import yaml
 from pymoo.indicators.hv import HV
 
-from moalign.diagnostics.interference import InterferenceReport, curve_means, interference_report
-from moalign.diagnostics.runs import SPLITS, Run, group_by_config, load_run, read_metrics
+from moalign.diagnostics.interference import (
+    InterferenceReport,
+    curve_means,
+    interference_report,
+)
+from moalign.diagnostics.runs import (
+    SPLITS,
+    Run,
+    group_by_config,
+    load_run,
+    read_metrics,
+)
 from moalign.errors import UserError
 
 SUMMARY_FILE = "summary.json"

@@ -36,7 +36,14 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from moalign.config import NAMED_SECTIONS, TrainConfig, _set_dotted, load_yaml, parse_overrides, validate
+from moalign.config import (
+    NAMED_SECTIONS,
+    TrainConfig,
+    _set_dotted,
+    load_yaml,
+    parse_overrides,
+    validate,
+)
 from moalign.errors import UserError
 
 PRESETS = ("quick", "smol", "paper")

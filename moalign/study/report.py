@@ -28,8 +28,16 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from moalign.study.findings import (ConfigResult, Findings, StudyRun, comparison_key, cost_rows, interference_rates,
-                                    law_rows, load_study)
+from moalign.study.findings import (
+    ConfigResult,
+    Findings,
+    StudyRun,
+    comparison_key,
+    cost_rows,
+    interference_rates,
+    law_rows,
+    load_study,
+)
 
 # ------------------------------------------------------------------------------------------------ document blocks
 

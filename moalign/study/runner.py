@@ -39,8 +39,9 @@ import yaml
 from moalign.config import TrainConfig, dump_config
 from moalign.engine.checkpoint import latest_checkpoint
 from moalign.errors import UserError
+from moalign.study.findings import SUMMARY_FILE, results_table
+from moalign.study.findings import load_study as load_finished_runs
 from moalign.study.grid import PlannedRun, StudySpec, load_study
-from moalign.study.findings import SUMMARY_FILE, load_study as load_finished_runs, results_table
 
 Plan = Literal["done", "resume", "start"]
 # Config keys that may differ between a run directory and the study without changing what the run computes.

@@ -22,9 +22,25 @@ from moalign.diagnostics.covariance import group_covariance, training_signal
 from moalign.diagnostics.pl import estimate_mu, linear_rate_bound
 from moalign.errors import UserError
 from moalign.rl.estimators import grpo
-from moalign.theory.problem import (DTYPE, SoftmaxProblem, correlated_rewards, expected, policy_covariance,
-                                    random_features, random_problem, stretched_features, tabular_features)
-from moalign.theory.updates import ExactRule, Natural, Tilt, Vanilla, clipped_update, sample_groups
+from moalign.theory.problem import (
+    DTYPE,
+    SoftmaxProblem,
+    correlated_rewards,
+    expected,
+    policy_covariance,
+    random_features,
+    random_problem,
+    stretched_features,
+    tabular_features,
+)
+from moalign.theory.updates import (
+    ExactRule,
+    Natural,
+    Tilt,
+    Vanilla,
+    clipped_update,
+    sample_groups,
+)
 
 Row = dict[str, Any]
 

@@ -29,13 +29,16 @@ from typing import ClassVar, Optional
 
 import torch
 
-from moalign.weighting.base import per_objective_advantages
-
 from moalign.errors import UserError
 from moalign.rl.estimators import grpo
 from moalign.rl.loss import aggregate, policy_loss
 from moalign.theory.problem import DTYPE, SoftmaxProblem, centred
-from moalign.weighting.base import StepStats, Weighting, fill_missing
+from moalign.weighting.base import (
+    StepStats,
+    Weighting,
+    fill_missing,
+    per_objective_advantages,
+)
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,13 @@
 import importlib
 import pkgutil
 
-from moalign.weighting.base import WEIGHTINGS, StepStats, Weighting, WeightingParams, make_weighting
+from moalign.weighting.base import (
+    WEIGHTINGS,
+    StepStats,
+    Weighting,
+    WeightingParams,
+    make_weighting,
+)
 
 for _mod in pkgutil.iter_modules(__path__):
     if not _mod.name.startswith("_") and _mod.name != "base":

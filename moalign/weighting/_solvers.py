@@ -22,7 +22,12 @@ from typing import Any, Callable, ClassVar, Optional, Sequence
 import torch
 
 from moalign.errors import UserError
-from moalign.weighting.base import Estimator, StepStats, Weighting, fill_missing, per_objective_advantages
+from moalign.weighting.base import (
+    Estimator,
+    StepStats,
+    Weighting,
+    per_objective_advantages,
+)
 
 # ---------------------------------------------------------------------------------------------------------------
 # 1. Reward statistics

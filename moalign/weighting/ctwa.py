@@ -29,8 +29,20 @@ from typing import Any, Optional
 import torch
 from pydantic import Field, field_validator
 
-from moalign.diagnostics.covariance import W_AGGREGATIONS, drop_outliers, group_covariance, training_signal
-from moalign.weighting.base import WEIGHTINGS, StepStats, Weighting, WeightingParams, fill_missing, user_vector
+from moalign.diagnostics.covariance import (
+    W_AGGREGATIONS,
+    drop_outliers,
+    group_covariance,
+    training_signal,
+)
+from moalign.weighting.base import (
+    WEIGHTINGS,
+    StepStats,
+    Weighting,
+    WeightingParams,
+    fill_missing,
+    user_vector,
+)
 
 
 class CTWAParams(WeightingParams):

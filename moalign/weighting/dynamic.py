@@ -8,8 +8,7 @@ import torch
 from pydantic import Field
 
 from moalign.weighting._solvers import GradientWeighting
-from moalign.weighting.base import user_vector
-from moalign.weighting.base import WEIGHTINGS, StepStats, WeightingParams
+from moalign.weighting.base import WEIGHTINGS, StepStats, WeightingParams, user_vector
 
 
 @WEIGHTINGS.register("dynamic")

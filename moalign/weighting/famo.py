@@ -6,8 +6,13 @@ import torch
 from pydantic import Field
 
 from moalign.weighting._solvers import StatefulWeighting, reward_deficits
-from moalign.weighting.base import per_objective_advantages
-from moalign.weighting.base import WEIGHTINGS, Estimator, StepStats, WeightingParams
+from moalign.weighting.base import (
+    WEIGHTINGS,
+    Estimator,
+    StepStats,
+    WeightingParams,
+    per_objective_advantages,
+)
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8

@@ -8,8 +8,13 @@ import torch
 from pydantic import Field
 
 from moalign.weighting._solvers import StatefulWeighting, whiten
-from moalign.weighting.base import per_objective_advantages, user_vector
-from moalign.weighting.base import WEIGHTINGS, Estimator, WeightingParams
+from moalign.weighting.base import (
+    WEIGHTINGS,
+    Estimator,
+    WeightingParams,
+    per_objective_advantages,
+    user_vector,
+)
 
 
 @WEIGHTINGS.register("gdpo")

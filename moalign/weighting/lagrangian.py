@@ -8,8 +8,14 @@ import torch
 from pydantic import Field
 
 from moalign.weighting._solvers import StatefulWeighting, objective_means
-from moalign.weighting.base import per_objective_advantages, user_vector
-from moalign.weighting.base import WEIGHTINGS, Estimator, StepStats, WeightingParams
+from moalign.weighting.base import (
+    WEIGHTINGS,
+    Estimator,
+    StepStats,
+    WeightingParams,
+    per_objective_advantages,
+    user_vector,
+)
 
 
 @WEIGHTINGS.register("lagrangian")

@@ -7,7 +7,13 @@ from typing import Any, Optional
 import torch
 from pydantic import Field, field_validator
 
-from moalign.weighting.base import WEIGHTINGS, Weighting, WeightingParams, fill_missing, user_vector
+from moalign.weighting.base import (
+    WEIGHTINGS,
+    Weighting,
+    WeightingParams,
+    fill_missing,
+    user_vector,
+)
 
 
 class LinearParams(WeightingParams):

@@ -6,8 +6,12 @@ import torch
 from pydantic import Field
 
 from moalign.weighting._solvers import StatefulWeighting
-from moalign.weighting.base import per_objective_advantages
-from moalign.weighting.base import WEIGHTINGS, Estimator, WeightingParams
+from moalign.weighting.base import (
+    WEIGHTINGS,
+    Estimator,
+    WeightingParams,
+    per_objective_advantages,
+)
 
 
 def scalar_min_norm_weights(signals: torch.Tensor) -> torch.Tensor:

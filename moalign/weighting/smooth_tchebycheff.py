@@ -8,8 +8,13 @@ import torch
 from pydantic import Field
 
 from moalign.weighting._solvers import StatefulWeighting, objective_means
-from moalign.weighting.base import user_vector
-from moalign.weighting.base import WEIGHTINGS, StepStats, WeightingParams, fill_missing
+from moalign.weighting.base import (
+    WEIGHTINGS,
+    StepStats,
+    WeightingParams,
+    fill_missing,
+    user_vector,
+)
 
 
 @WEIGHTINGS.register("smooth_tchebycheff")

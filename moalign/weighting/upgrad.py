@@ -10,8 +10,7 @@ from torchjd.aggregation import UPGradWeighting
 from torchjd.linalg import DualConeProjector
 
 from moalign.weighting._solvers import GradientWeighting, minimize_quadratic
-from moalign.weighting.base import user_vector
-from moalign.weighting.base import WEIGHTINGS, StepStats, WeightingParams
+from moalign.weighting.base import WEIGHTINGS, StepStats, WeightingParams, user_vector
 
 
 class ProjectedGradientDualConeProjector(DualConeProjector):
