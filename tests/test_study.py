@@ -116,8 +116,10 @@ def no_model_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a dry run loaded a model")
 
-    monkeypatch.setattr("moalign.models.loading.load_model", refuse)
-    monkeypatch.setattr("moalign.models.load_model", refuse)
+    import moalign.engine.trainer  # noqa: F401  (imported first, so that its own binding is patched and restored)
+
+    for where in ("moalign.models.loading", "moalign.models", "moalign.engine.trainer"):
+        monkeypatch.setattr(f"{where}.load_model", refuse)
 
 
 @pytest.mark.parametrize("preset", ["quick", "smol", "paper"])
@@ -288,7 +290,7 @@ def test_law_agreement_pools_predicted_and_realised_changes(tmp_path):
     run = findings.load_study(tmp_path / "r").runs[0]
     assert findings.law_pairs(run) == ([1.0, -1.0, 2.0, 0.5], [-0.1, 0.0, 0.3, 0.2])
     (row,) = findings.law_rows([run])
-    assert (row["algorithm"], row["pairs"], row["sign_agreement"]) == ("ctwa", 3, pytest.approx(2 / 3))
+    assert (row["algorithm"], row["num_pairs"], row["sign_agreement"]) == ("ctwa", 3, pytest.approx(2 / 3))
     assert row["correlation"] == pytest.approx(np.corrcoef([1, -1, 2, 0.5], [-0.1, 0, 0.3, 0.2])[0, 1])
 
     fallback = {"cov_s/accuracy": [None, None, None, -3.0], "realised/accuracy": [None, None, None, 0.4]}
@@ -296,7 +298,7 @@ def test_law_agreement_pools_predicted_and_realised_changes(tmp_path):
     other = findings.load_study(tmp_path / "s").runs[0]
     assert findings.law_pairs(other) == ([-3.0], [0.4])
     (pooled,) = findings.law_rows([run, other])
-    assert (pooled["pairs"], pooled["sign_agreement"]) == (4, pytest.approx(2 / 4))
+    assert (pooled["num_pairs"], pooled["sign_agreement"]) == (4, pytest.approx(2 / 4))
 
     write_run(tmp_path / "plain", tiny_config("ctwa", 0), {"accuracy": (HALF, ONES)})
     assert findings.law_rows(findings.load_study(tmp_path / "plain").runs) == []

@@ -159,7 +159,7 @@ def results_table(runs: Sequence[StudyRun], study: str) -> pd.DataFrame:
     """Tidy results: one row per run × split × evaluation step × objective (``RESULT_COLUMNS``)."""
     rows = []
     for r in runs:
-        for split, evaluations in r.run.evaluations.items():
+        for split in r.run.evaluations:
             for objective in r.run.objectives:
                 for step, value in zip(*r.curve(split, objective)):
                     rows.append([study, r.name, r.algorithm, r.model, r.estimator, r.seed, r.objective_set, split,
@@ -319,21 +319,16 @@ def law_pairs(run: StudyRun) -> tuple[list[float], list[float]]:
 
 def law_rows(runs: Sequence[StudyRun]) -> list[dict[str, Any]]:
     """Per algorithm, pooled over its runs: sign agreement and correlation of predicted and realised changes, as the
-    law monitor defines them; empty when no run logged law metrics."""
-    from moalign.diagnostics.law import LawMonitor
+    law monitor defines them (``moalign.diagnostics.law.Agreement``); empty when no run logged law metrics."""
+    from moalign.diagnostics.law import Agreement
 
-    pooled: dict[str, tuple[list[float], list[float]]] = defaultdict(lambda: ([], []))
+    pooled: dict[str, Agreement] = defaultdict(Agreement)
     for r in runs:
         predicted, realised = law_pairs(r)
-        if predicted:
-            pooled[r.algorithm][0].extend(predicted)
-            pooled[r.algorithm][1].extend(realised)
-    rows = []
-    for algorithm, (predicted, realised) in pooled.items():
-        summary = LawMonitor([], predicted=predicted, realised=realised).summary()
-        rows.append({"algorithm": algorithm, "pairs": int(summary["law/num_pairs"]),
-                     "sign_agreement": summary["law/sign_agreement"], "correlation": summary["law/correlation"]})
-    return rows
+        pooled[r.algorithm].predicted.extend(predicted)
+        pooled[r.algorithm].realised.extend(realised)
+    return [{"algorithm": algorithm, **agreement.summary("")} for algorithm, agreement in pooled.items()
+            if agreement.predicted]
 
 
 # ------------------------------------------------------------------------------------------------ sentences

@@ -25,8 +25,10 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from moalign.study.findings import (
     ConfigResult,
@@ -92,8 +94,9 @@ def _bold_html(text: str) -> str:
 
 
 def render_html(title: str, blocks: Sequence[Block]) -> str:
-    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-             f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
+    head = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>")
+    parts = [head]
     for b in blocks:
         if isinstance(b, Heading):
             parts.append(f"<h{b.level}>{html.escape(b.text)}</h{b.level}>")
@@ -159,8 +162,6 @@ class Palette:
     colours come first (gray left out: it reads as "disabled"), then the light tab20 ones."""
 
     def __init__(self, labels: Sequence[str]):
-        from matplotlib import colormaps
-
         strong = [colormaps["tab10"](i) for i in range(10) if i != 7]
         light = [colormaps["tab20"](2 * i + 1) for i in range(10) if i != 7]
         cycle = strong + light
@@ -184,8 +185,6 @@ def legend_below(fig: Figure, axes: np.ndarray) -> None:
 
 
 def style_step_axis(ax) -> None:
-    from matplotlib.ticker import MaxNLocator
-
     ax.set_xlabel("step", fontsize=8)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.tick_params(labelsize=7)
@@ -248,8 +247,6 @@ def weights_figure(f: Findings, palette: Palette, key: tuple[str, str, str]) -> 
     cols = min(5, len(with_weights))
     rows = -(-len(with_weights) // cols)
     fig, axes = new_figure(rows, cols, panel=(3.0, 2.3))
-    from matplotlib import colormaps
-
     objective_colors = colormaps["Set1"]
     for ax, c in itertools.zip_longest(axes.flat, with_weights):
         if c is None:
@@ -414,8 +411,8 @@ def build_blocks(f: Findings) -> list[Block]:
     law = law_rows(runs)
     if law:
         blocks += [Heading("Covariance-law agreement"), Table(
-            ["algorithm", "(step, objective) pairs", "sign agreement", "correlation"],
-            [[r["algorithm"], str(r["pairs"]), _fmt(r["sign_agreement"]), _fmt(r["correlation"])] for r in law],
+            ["algorithm", "pairs with a sign", "sign agreement", "correlation"],
+            [[r["algorithm"], f"{r['num_pairs']:.0f}", _fmt(r["sign_agreement"]), _fmt(r["correlation"])] for r in law],
             "Predicted change Cov(r_j, w) (law/cov_w) against the change realised on the probe prompts "
             "(law/realised), pooled over objectives and seeds; sign agreement leaves out pairs where either is 0.")]
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import time
 import traceback
 from dataclasses import dataclass
@@ -36,7 +35,8 @@ from typing import Any, Callable, Literal, Optional, Protocol
 
 import yaml
 
-from moalign.config import TrainConfig, dump_config
+from moalign.cli import write_atomically, write_config
+from moalign.config import TrainConfig
 from moalign.engine.checkpoint import latest_checkpoint
 from moalign.errors import UserError
 from moalign.study.findings import SUMMARY_FILE, results_table
@@ -59,7 +59,14 @@ class TrainFn(Protocol):
 
 
 def train_run(cfg: TrainConfig, run_dir: Path, resume: bool, on_step: Callable[[int], None]) -> dict[str, Any]:
-    """The native engine, with the summary written as ``moalign train`` writes it."""
+    """One run on the config's engine, with the summary written as ``moalign train`` writes it. TRL reports no
+    steps on the way (its run directory resumes from its own checkpoints)."""
+    if cfg.engine == "trl":
+        from moalign.integrations.trl import train_with_trl
+
+        summary = train_with_trl(cfg, run_dir)
+        on_step(cfg.steps)
+        return summary
     from moalign.cli import _write_summary
     from moalign.engine.trainer import Trainer
 
@@ -119,12 +126,6 @@ class RunRecord:
                 "steps_done": self.steps_done, **self.factors, "error": self.error}
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def previous_wall_times(study_dir: Path) -> dict[str, float]:
     """Wall seconds already spent per run in earlier invocations (from runs.csv), so resumed runs add up."""
     path = study_dir / "runs.csv"
@@ -141,12 +142,12 @@ def write_runs_csv(study_dir: Path, records: list[RunRecord]) -> None:
     writer = csv.DictWriter(buffer, fieldnames=columns)
     writer.writeheader()
     writer.writerows(rows)
-    _atomic_write(study_dir / "runs.csv", buffer.getvalue())
+    write_atomically(study_dir / "runs.csv", buffer.getvalue())
 
 
 def write_study_file(study_dir: Path, spec: StudySpec, runs: list[PlannedRun]) -> None:
     resolved = spec.model_dump(mode="json") | {"runs": [{"name": r.name, **r.factors} for r in runs]}
-    _atomic_write(study_dir / "study.yaml", yaml.safe_dump(resolved, sort_keys=False))
+    write_atomically(study_dir / "study.yaml", yaml.safe_dump(resolved, sort_keys=False))
 
 
 def write_results(study_dir: Path, study: str) -> Optional[Path]:
@@ -168,9 +169,8 @@ def validate_runs(runs: list[PlannedRun]) -> list[str]:
     """Everything that can be checked without loading a model: data (loaded once per distinct data config),
     objectives, weighting parameters against the objectives, estimators and local model paths. Returns notes."""
     from moalign.data import load_data
-    from moalign.objectives import load_objective
+    from moalign.engine.trainer import load_objectives_and_weighting
     from moalign.rl.estimators import get_estimator
-    from moalign.weighting import make_weighting
 
     notes: list[str] = []
     data_sizes: dict[str, dict[str, int]] = {}
@@ -183,11 +183,10 @@ def validate_runs(runs: list[PlannedRun]) -> list[str]:
             if not data_sizes[data_key]["train"]:
                 raise UserError(f"run {run.name}: the training split is empty; check data.path / data.num_train")
             notes.append(f"data {cfg.data.source}: " + ", ".join(f"{k} {v}" for k, v in data_sizes[data_key].items()))
-        names = [load_objective(spec).name for spec in cfg.objectives]
         try:
-            make_weighting(cfg.weighting.name, names, **cfg.weighting.params())
+            load_objectives_and_weighting(cfg)
         except (UserError, ValueError) as exc:
-            raise UserError(f"run {run.name}: weighting {cfg.weighting.name}: {exc}") from None
+            raise UserError(f"run {run.name}: {exc}") from None
         get_estimator(cfg.estimator.name)
         notes.extend(_model_note(cfg.model.name))
     return list(dict.fromkeys(notes))
@@ -195,14 +194,15 @@ def validate_runs(runs: list[PlannedRun]) -> list[str]:
 
 def _model_note(name: str) -> list[str]:
     from moalign.models.loading import SMOLLM2_NAMES
+    from moalign.study.sft import SFT_MODEL_NAME
 
-    if name == "tiny" or name.lower() in SMOLLM2_NAMES or name == "smollm2-135m-sft":
+    if name == "tiny" or name.lower() in SMOLLM2_NAMES or name == SFT_MODEL_NAME:
         return []
     if Path(name).exists():
         return [f"model {name}: local folder"]
     if name.startswith((".", "/", "~")):
         raise UserError(f"model {name!r} looks like a local path but does not exist")
-    return [f"model {name}: a Hugging Face id, loaded from the local Hugging Face cache at run time"]
+    return [f"model {name}: a Hugging Face id, read from the Hugging Face cache (or downloaded) when its runs start"]
 
 
 # ------------------------------------------------------------------------------------------------ the study
@@ -274,7 +274,7 @@ def _run_all(runs: list[PlannedRun], records: list[RunRecord], plans: dict[str, 
 def _run_one(run: PlannedRun, record: RunRecord, plan: Plan, train_fn: TrainFn, bar) -> bool:
     """Train one run, keeping ``record`` and the bar current; True when it failed."""
     run.run_dir.mkdir(parents=True, exist_ok=True)
-    (run.run_dir / "config.yaml").write_text(dump_config(run.config))
+    write_config(run.run_dir, run.config)  # first: a run killed at any later moment can be resumed
     (run.run_dir / "error.txt").unlink(missing_ok=True)
 
     def on_step(step: int) -> None:
