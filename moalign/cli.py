@@ -149,6 +149,16 @@ def print_summary(summary: dict, run_dir: Path) -> None:
     w = summary.get("final_weights", {})
     if w:
         console.print("final weights: " + ", ".join(f"{k.split('/', 1)[1]}={v:.3f}" for k, v in w.items()))
+    interference = summary.get("interference", {})
+    if interference.get("degraded_objectives") is not None:
+        degraded = ", ".join(interference["degraded_objectives"]) or "none"
+        console.print(f"degraded objectives (95% CI below 0): {degraded}; interference event: "
+                      f"{interference.get('interference')}", highlight=False)
+    law = summary.get("law") or {}
+    if law.get("law/batch_num_pairs"):
+        console.print(f"covariance law: predicted vs next-batch sign agreement {law['law/batch_sign_agreement']:.2f}"
+                      + (f", vs probe set {law['law/sign_agreement']:.2f}" if law.get("law/num_pairs") else ""),
+                      highlight=False)
     console.print(f"done in {summary.get('wall_seconds', 0):.0f}s; run directory: {run_dir}")
 
 

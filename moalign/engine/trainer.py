@@ -560,7 +560,9 @@ class Trainer:
         return {"steps": self.step_idx, "wall_seconds": wall_s, "objectives": self.objective_names,
                 "weighting": self.cfg.weighting.name, "final_weights": {k: v for k, v in self.weighting.metrics().items()
                                                                        if k.startswith("weight/")},
-                "eval": table, "skipped_steps": self.skipped_steps}
+                "eval": table, "skipped_steps": self.skipped_steps,
+                "law": None if self.law is None else self.law.summary(), "pl": {"mu_hat": self.pl.mu_hat,
+                                                                                "j_star": self.j_star}}
 
 
 class PhaseTimer:

@@ -48,10 +48,10 @@ SFT_MODEL_NAME = "smollm2-135m-sft"
 class SFTRecipe:
     """Everything that determines the fine-tuned model (part of the cache key)."""
 
-    problems: tuple[tuple[int, int], ...] = ((1, 96), (2, 96))  # (difficulty, number of problems)
+    problems: tuple[tuple[int, int], ...] = ((1, 32), (2, 32))  # (difficulty, number of problems): 8 steps
     batch_size: int = 8
-    lr: float = 3e-5
-    lr_warmup_steps: int = 3
+    lr: float = 5e-5
+    lr_warmup_steps: int = 2
     final_lr_fraction: float = 0.1
     seed: int = 0
 
