@@ -88,7 +88,7 @@ class OptimConfig(Section):
     grad_clip: float = Field(1.0, gt=0)
     mini_batches: int = Field(1, ge=1, description="optimizer steps per rollout batch (per PPO epoch)")
     ppo_epochs: int = Field(1, ge=1)
-    micro_batch_size: int = Field(8, ge=1, description="sequences per forward/backward (gradient accumulation)")
+    micro_batch_size: int = Field(4, ge=1, description="sequences per forward/backward (gradient accumulation)")
 
 
 class EvalConfig(Section):
