@@ -91,13 +91,25 @@ def generate(model, tokenizer, prompt_token_ids: list[list[int]], example_index:
         out = model.generate(input_ids=ids, attention_mask=am, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
                              eos_token_id=sorted(eos), **kwargs)
         chunks.append(out[:, ids.shape[1]:].cpu())
-    width = max(c.shape[1] for c in chunks)
-    response_ids = torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1]), value=pad_id) for c in chunks])
+    return assemble_rollout(tokenizer, prompt_ids, prompt_mask, chunks, eos, pad_id, example_index, group_ids)
+
+
+def assemble_rollout(tokenizer, prompt_ids, prompt_mask, response_chunks: list[torch.Tensor], eos: set[int],
+                     pad_id: int, example_index, group_ids, logprob_chunks: list[torch.Tensor] | None = None
+                     ) -> Rollout:
+    """One ``Rollout`` from responses generated in chunks: right-pad to one width, mask through the first EOS,
+    pad after it, decode."""
+    width = max(c.shape[1] for c in response_chunks)
+    pad_right = torch.nn.functional.pad
+    response_ids = torch.cat([pad_right(c, (0, width - c.shape[1]), value=pad_id) for c in response_chunks])
     mask, truncated = response_mask_from_ids(response_ids, eos)
     response_ids = torch.where(mask.bool(), response_ids, torch.full_like(response_ids, pad_id))
     texts = tokenizer.batch_decode([r[m.bool()] for r, m in zip(response_ids, mask)], skip_special_tokens=True)
+    logprobs = None
+    if logprob_chunks is not None:
+        logprobs = torch.cat([pad_right(lp, (0, width - lp.shape[1])) for lp in logprob_chunks]) * mask
     return Rollout(prompt_ids, prompt_mask, response_ids, mask, texts, torch.tensor(group_ids, dtype=torch.long),
-                   list(example_index), truncated)
+                   list(example_index), truncated, sampler_logprobs=logprobs)
 
 
 def response_logprobs(model, rollout: Rollout, micro_batch_size: int, temperature: float = 1.0,

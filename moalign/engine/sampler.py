@@ -34,12 +34,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
-from moalign.engine.rollout import (
-    Rollout,
-    eos_token_ids,
-    left_pad,
-    response_mask_from_ids,
-)
+from moalign.engine.rollout import Rollout, assemble_rollout, eos_token_ids, left_pad
 from moalign.errors import UserError
 
 # ---- key/value storage --------------------------------------------------------------------------------------
@@ -266,14 +261,6 @@ def fast_generate(model, tokenizer, prompt_token_ids: list[list[int]], example_i
     chunks = [sample_batch(model, prompt_token_ids[start:start + bs], max_new_tokens, eos, pad_id, temperature,
                            top_p, greedy)
               for start in range(0, len(prompt_token_ids), bs)]
-    # Right-pad the chunks to one width; being made outside inference mode, the copies are ordinary tensors that
-    # the trainer may later use under autograd.
-    width = max(ids.shape[1] for ids, _ in chunks)
-    pad_right = torch.nn.functional.pad
-    response_ids = torch.cat([pad_right(ids, (0, width - ids.shape[1]), value=pad_id) for ids, _ in chunks])
-    logprobs = torch.cat([pad_right(lp, (0, width - lp.shape[1])) for _, lp in chunks])
-    mask, truncated = response_mask_from_ids(response_ids, eos)
-    texts = tokenizer.batch_decode([r[m.bool()] for r, m in zip(response_ids, mask)], skip_special_tokens=True)
     prompt_ids, prompt_mask = left_pad(prompt_token_ids, pad_id)
-    return Rollout(prompt_ids, prompt_mask, response_ids, mask, texts, torch.tensor(group_ids, dtype=torch.long),
-                   list(example_index), truncated, sampler_logprobs=logprobs * mask)
+    return assemble_rollout(tokenizer, prompt_ids, prompt_mask, [ids for ids, _ in chunks], eos, pad_id,
+                            example_index, group_ids, [lp for _, lp in chunks])
