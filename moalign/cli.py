@@ -119,11 +119,11 @@ def train_native(cfg, run_dir: Path, resume: bool = False) -> dict:
         summary = trainer.run(progress)
     finally:
         bar.close()
-    _write_summary(run_dir, summary)
+    write_summary(run_dir, summary)
     return summary
 
 
-def _write_summary(run_dir: Path, summary: dict) -> None:
+def write_summary(run_dir: Path, summary: dict) -> None:
     try:
         from moalign.diagnostics.interference import interference_summary
 

@@ -192,7 +192,7 @@ class TrainConfig(Section):
 # --------------------------------------------------------------------------------------------- loading
 
 
-def _set_dotted(tree: dict, key: str, value: Any, named_sections: set[str]) -> None:
+def set_dotted(tree: dict, key: str, value: Any, named_sections: set[str]) -> None:
     parts = key.split(".")
     node = tree
     for p in parts[:-1]:
@@ -250,7 +250,7 @@ def load_yaml(path: str | Path) -> dict:
 def build_config(model_cls: type[BaseModel], base: dict | None = None, overrides: list[str] | None = None):
     tree = dict(base or {})
     for key, value in parse_overrides(overrides or []):
-        _set_dotted(tree, key, value, NAMED_SECTIONS)
+        set_dotted(tree, key, value, NAMED_SECTIONS)
     return validate(model_cls, tree)
 
 

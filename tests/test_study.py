@@ -159,7 +159,7 @@ def test_dry_run_reports_missing_data():
 
 
 def objective_curves(start: np.ndarray, end: np.ndarray, num_evals: int) -> list[np.ndarray]:
-    """Per-prompt scores at ``num_evals`` evaluations moving from ``start`` to ``end`` one block of prompts at a time."""
+    """Per-prompt scores at ``num_evals`` evaluations, moving from ``start`` to ``end`` a block of prompts at a time."""
     changed = np.flatnonzero(start != end)
     rows = []
     for t in range(num_evals):
@@ -274,6 +274,20 @@ def test_findings_on_hand_built_runs(study_dir):
     assert "under linear, clarity degrades by 0.400 [CI −0.400, −0.400] while accuracy rises by 0.300" in text
     assert "interference in 2 of 2 runs" in text and "interference in 0 of 2 runs" in text
     assert "Chosen on val by hypervolume: ctwa" in text
+
+
+def test_algorithms_that_move_nothing_share_one_clause(tmp_path):
+    flat = {"accuracy": (HALF, HALF), "clarity": (HALF, HALF)}
+    for weighting in ("famo", "linear", "pama"):
+        write_run(tmp_path / "runs" / weighting, tiny_config(weighting, 0), flat if weighting != "linear" else
+                  {"accuracy": (HALF, ONES), "clarity": (HALF, HALF)})
+    (finding,) = findings.Findings(findings.load_study(tmp_path)).findings()
+    assert len(finding.clauses) == 2
+    # one seed: the interval is the bootstrap over the 20 prompts, around the change of 0.5 and away from 0
+    assert re.fullmatch(r"under linear, accuracy rises by 0\.500 \[CI \+0\.[2-4]\d\d, \+0\.[6-8]\d\d\]; "
+                        r"interference in 0 of 1 run", finding.clauses[0])
+    assert finding.clauses[1] == ("under famo, pama, no objective moves clearly (every interval contains 0); "
+                                  "interference in 0 of 2 runs")
 
 
 def test_cost_rows_average_step_seconds(study_dir):
@@ -514,4 +528,5 @@ def test_a_small_study_on_the_tiny_model_runs_resumes_and_reports(tmp_path):
     runner.run_study(config, out_dir=out, train_fn=spy)
     assert len(calls) == 2  # finished runs are not trained again
     html = write_report(out).read_text()
-    assert "under linear" in html and "under ctwa" in html and len(embedded_pngs(html)) == 4
+    findings_list = html.split("<h2>Findings</h2>")[1].split("</ul>")[0]
+    assert "linear" in findings_list and "ctwa" in findings_list and len(embedded_pngs(html)) == 4

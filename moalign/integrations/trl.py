@@ -64,6 +64,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from trl import GRPOConfig, GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 
+from moalign.cli import write_summary
 from moalign.config import TrainConfig
 from moalign.engine.checkpoint import atomic_torch_save, load_checkpoint
 from moalign.engine.evaluation import encode_prompts, eval_change_table, evaluate_split
@@ -727,7 +728,7 @@ def train_with_trl(cfg: TrainConfig, run_dir: Union[str, Path],
                "final_weights": {k: v for k, v in trainer.weighting.metrics().items() if k.startswith("weight/")},
                "skipped_steps": 0, "trl_notes": plan.notes}
     if trainer.accelerator.is_main_process:
-        _write_summary(run_dir, summary)
+        write_summary(run_dir, summary)
     return summary
 
 
@@ -786,14 +787,6 @@ def export_model(trainer: MultiObjectiveGRPOTrainer, tokenizer: Any, run_dir: Pa
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
-
-
-def _write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
-    from moalign.cli import (
-        _write_summary as write_native_summary,  # summary.json + interference, as native runs
-    )
-
-    write_native_summary(run_dir, summary)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -98,6 +98,10 @@ def load_model(cfg: "ModelConfig"):
 
         model, tok = load_tiny()
         model = model.to(dtype)
+    elif cfg.name.lower() == "smollm2-135m-sft":  # the smol study's SFT starting point, built and cached on first use
+        from moalign.study.sft import sft_model_path
+
+        model, tok = _load_hf(str(sft_model_path()), dtype, None)
     elif cfg.name.lower() in SMOLLM2_NAMES:
         model, tok = _load_smollm2(dtype)
     else:

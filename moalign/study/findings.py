@@ -345,22 +345,38 @@ def describe_change(objective: str, change: float, interval: Sequence[float]) ->
     return None
 
 
-def describe_config(config: ConfigResult, split: str) -> str:
-    """One clause per algorithm: what moved clearly, and how often its runs interfered."""
+NO_CLEAR_MOVE = "no objective moves clearly (every interval contains 0)"
+
+
+def clear_moves(config: ConfigResult, split: str) -> str:
+    """The objectives that moved clearly, degradations first ("clarity degrades by … while accuracy rises by …")."""
     report = config.reports[split]
     moves = [m for ch in report.changes if (m := describe_change(ch.objective, ch.change, ch.change_ci))]
     degraded = [m for m in moves if " degrades " in m]
     improved = [m for m in moves if " rises " in m]
     if degraded and improved:
-        what = f"{', '.join(degraded)} while {', '.join(improved)}"
-    elif moves:
-        what = ", ".join(moves)
-    else:
-        what = "no objective moves clearly (every interval contains 0)"
-    verdicts = [run_interference(r, split) for r in config.runs]
-    known = [v for v in verdicts if v is not None]
-    tail = f"; interference in {sum(known)} of {len(known)} run{'s' if len(known) != 1 else ''}" if known else ""
-    return f"under {config.label}, {what}{tail}"
+        return f"{', '.join(degraded)} while {', '.join(improved)}"
+    return ", ".join(moves) or NO_CLEAR_MOVE
+
+
+def interference_count(configs: Sequence[ConfigResult], split: str) -> str:
+    """"; interference in k of n runs" over the runs of ``configs`` (empty when no run has a verdict)."""
+    known = [v for c in configs for r in c.runs if (v := run_interference(r, split)) is not None]
+    return f"; interference in {sum(known)} of {len(known)} run{'s' if len(known) != 1 else ''}" if known else ""
+
+
+def describe_configs(configs: Sequence[ConfigResult], split: str) -> list[str]:
+    """One clause per algorithm that moved an objective clearly; the algorithms that moved none share one clause."""
+    moves = {id(c): clear_moves(c, split) for c in configs}
+    still = [c for c in configs if moves[id(c)] == NO_CLEAR_MOVE]
+    clauses = []
+    for c in configs:
+        if moves[id(c)] != NO_CLEAR_MOVE:
+            clauses.append(f"under {c.label}, {moves[id(c)]}{interference_count([c], split)}")
+        elif c is still[0]:
+            labels = ", ".join(s.label for s in still)
+            clauses.append(f"under {labels}, {NO_CLEAR_MOVE}{interference_count(still, split)}")
+    return clauses
 
 
 @dataclass(frozen=True)
@@ -368,7 +384,7 @@ class Finding:
     """What one comparison (same model, estimator and objectives; different algorithms) shows."""
 
     head: str  # which comparison, on which split, over how many seeds
-    clauses: list[str]  # one per algorithm: its clear moves and how often its runs interfered
+    clauses: list[str]  # per algorithm: its clear moves and how often its runs interfered
     summary: str  # the selection on the selection split, its value on the report split, and the Pareto front
 
 
@@ -377,7 +393,7 @@ def finding_for(pareto: ParetoSet, key: tuple[str, str, str], split: str, select
     model, estimator, objective_set = key
     seeds = "/".join(str(n) for n in sorted({len(c.runs) for c in pareto.configs}))
     head = f"**{model}** ({estimator}; objectives {objective_set}; {split} split; {seeds} seed(s) per algorithm):"
-    clauses = [describe_config(c, split) for c in pareto.configs]
+    clauses = describe_configs(pareto.configs, split)
     summary = ""
     if selection is not None and len(selection.configs) > 1:
         hv = [c.reports[selection_split].hypervolume for c in selection.configs]

@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from moalign.config import (
     NAMED_SECTIONS,
     TrainConfig,
-    _set_dotted,
+    set_dotted,
     load_yaml,
     parse_overrides,
     validate,
@@ -171,12 +171,12 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
     tree = copy.deepcopy(tree)
     for key, value in parse_overrides(overrides):
         if key.split(".", 1)[0] in STUDY_KEYS:
-            _set_dotted(tree, key, value, named_sections=set())
+            set_dotted(tree, key, value, named_sections=set())
         else:
             tree.setdefault("base", {})
             if not isinstance(tree["base"], dict):
                 raise UserError("the study's 'base' must be a mapping of TrainConfig keys")
-            _set_dotted(tree["base"], key, value, NAMED_SECTIONS)
+            set_dotted(tree["base"], key, value, NAMED_SECTIONS)
     return tree
 
 
@@ -214,11 +214,11 @@ def _run_config(spec: StudySpec, chosen: dict[str, Any], factors: dict[str, str]
     tree = copy.deepcopy(spec.base)
     for section in NAMED_SECTIONS & tree.keys():  # `model: tiny` in a file means what `model=tiny` means on the CLI
         if not isinstance(tree[section], dict):
-            _set_dotted(tree, section, tree[section], NAMED_SECTIONS)
+            set_dotted(tree, section, tree[section], NAMED_SECTIONS)
     for key, value in chosen.items():
-        _set_dotted(tree, key, copy.deepcopy(value), NAMED_SECTIONS)
+        set_dotted(tree, key, copy.deepcopy(value), NAMED_SECTIONS)
     for key, overrides in _per_value_overrides(spec, factors, tree):
-        _set_dotted(tree, key, copy.deepcopy(overrides), NAMED_SECTIONS)
+        set_dotted(tree, key, copy.deepcopy(overrides), NAMED_SECTIONS)
     try:
         return validate(TrainConfig, tree)
     except UserError as exc:

@@ -19,7 +19,8 @@ never touched. A run that fails is recorded (``error.txt`` in its directory, ``f
 goes on; the failures are reported at the end.
 
 The training function is injectable (``train_fn``) so that the planning and resuming logic can be tested without a
-model; the default is ``train_run`` (the native engine).
+model; the default is ``train_run`` (the config's engine, native or TRL). Runs go one after another on this machine,
+each with the config's ``threads`` and ``device``.
 """
 
 from __future__ import annotations
@@ -67,12 +68,12 @@ def train_run(cfg: TrainConfig, run_dir: Path, resume: bool, on_step: Callable[[
         summary = train_with_trl(cfg, run_dir)
         on_step(cfg.steps)
         return summary
-    from moalign.cli import _write_summary
+    from moalign.cli import write_summary
     from moalign.engine.trainer import Trainer
 
     trainer = Trainer(cfg, run_dir, resume=resume)
     summary = trainer.run(lambda step, total, record: on_step(step))
-    _write_summary(run_dir, summary)
+    write_summary(run_dir, summary)
     return summary
 
 

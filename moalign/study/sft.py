@@ -3,8 +3,9 @@ arithmetic task's answer format.
 
 The ``smol`` study compares algorithms from two starting points, the model as shipped and this one, because whether
 objectives interfere depends on where training starts (METHOD §8: the constants of the model's geometry). As shipped
-the model rarely boxes its answer, so accuracy and clarity are near 0 and RL has little signal; after this pass it
-answers in the format all three objectives can reward.
+the model follows the answer format only when prompted with an example (moalign's default SmolLM2 system message) and
+often runs to the token limit; after this pass it answers in the format all three objectives reward, with the chat
+template's own system message (the one the pass trains with).
 
 Recipe (``SFTRecipe``): arithmetic problems of difficulty 1 and 2 from the generator's *train* split (which never
 contains a val or test question, see ``moalign.data.arithmetic``), each answered correctly, step by step and boxed::
@@ -14,7 +15,8 @@ contains a val or test question, see ``moalign.data.arithmetic``), each answered
     Step 3: The answer is \\boxed{9}.
 
 then one epoch of AdamW on −Σ log π(answer tokens | chat prompt) with a linear warm-up and decay — the loop that
-warms up the ``tiny`` model (``moalign.models.tiny.warm_up``). On 2 CPU cores this takes a few minutes, once.
+warms up the ``tiny`` model (``moalign.models.tiny.warm_up``): 8 steps of 8 sequences, ≈ 3 min on 2 idle CPU cores
+(8 min measured with the cores shared), once.
 
 The result is cached under ``<cache>/smollm2-135m-sft-<hash>`` (the hash covers the recipe and the source of this
 module and of the problem generator), written under a temporary name and renamed so that a crash never leaves a
