@@ -60,3 +60,31 @@ def test_pearson():
     assert pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0)
     assert pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
     assert math.isnan(pearson([1, 2], [1, 2]))
+
+
+def test_probe_realised_change_on_exact_theory_problem():
+    """With a uniform policy every prompt group holding all K responses is the exact policy distribution, so the
+    monitor's Cov(r_j, s) is E_x Cov_π(r_j, s); the probe's realised change under an exact tilt step of size η must
+    then equal η·Cov to first order, in sign and size."""
+    from moalign.theory.problem import random_problem
+    from moalign.theory.updates import tilt
+
+    problem = random_problem(prompts=3, responses=6, objectives=2, correlation=-0.5,
+                             generator=torch.Generator().manual_seed(0))
+    P, K, M = problem.rewards.shape
+    probs = torch.full((P, K), 1.0 / K, dtype=torch.float64)
+    signal = problem.rewards.sum(-1)  # linear scalarization with unit weights
+    rewards = problem.rewards.reshape(P * K, M).float()
+    s = signal.reshape(-1).float()
+    groups = torch.arange(P).repeat_interleave(K)
+    old = torch.zeros(P * K, 1)
+    mon = LawMonitor(["r1", "r2"])
+    stats_ = StepStats(0, rewards, groups, s, s, torch.ones(P * K, 1), old, old.clone())
+    observed = mon.observe_step(stats_)
+    eta = 1e-4
+    before = problem.objective_values(probs)
+    after = problem.objective_values(tilt(probs, signal, eta))
+    out = mon.realise(before, after)
+    for j, name in enumerate(["r1", "r2"]):
+        assert out[f"law/realised/{name}"] / eta == pytest.approx(observed[f"law/cov_s/{name}"], rel=1e-3)
+    assert out["law/sign_agreement"] == 1.0
