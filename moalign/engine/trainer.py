@@ -280,7 +280,7 @@ class Trainer:
         for _ in range(o.ppo_epochs):
             perm = torch.randperm(B, generator=gen)
             for mini in perm.chunk(o.mini_batches):
-                part = self._mini_batch_gradients(rollout.select(mini), None if old_lp is None else old_lp[mini],
+                part, mini_logprobs = self._mini_batch_gradients(rollout.select(mini), None if old_lp is None else old_lp[mini],
                                                   None if ref_lp is None else ref_lp[mini], advantages[mini],
                                                   None if per_obj is None else per_obj[mini], stats)
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.params, o.grad_clip)
@@ -298,14 +298,16 @@ class Trainer:
         out["actor/skipped_steps"] = self.skipped_steps
         if old_lp is None:  # on-policy: the forward of the (single) update is π_old, record it for the weighting
             stats.old_logprobs = torch.empty_like(rollout.response_mask)
-            stats.old_logprobs[perm] = torch.cat(self._onpolicy_logprobs)
+            stats.old_logprobs[perm] = mini_logprobs
         return out
 
     def _exactly_on_policy(self) -> bool:
         return self.cfg.optim.ppo_epochs == 1 and self.cfg.optim.mini_batches == 1
 
-    def _mini_batch_gradients(self, mini: Rollout, old_lp, ref_lp, adv, per_obj, stats) -> dict[str, float]:
-        """Accumulate the mini-batch's gradient into ``.grad`` (micro-batch by micro-batch)."""
+    def _mini_batch_gradients(self, mini: Rollout, old_lp, ref_lp, adv, per_obj, stats
+                              ) -> tuple[dict[str, float], torch.Tensor]:
+        """Accumulate the mini-batch's gradient into ``.grad`` (micro-batch by micro-batch); also return the
+        forward's detached log-probs [mini, Tr] (π_old when the step is exactly on-policy)."""
         lc, mb = self.cfg.loss, self.cfg.optim.micro_batch_size
         n_tok = float(mini.response_mask.sum().clamp(min=1))
         n_seq = float(len(mini))
@@ -313,18 +315,15 @@ class Trainer:
         agg = dict(mode=lc.loss_agg, norm_len=norm_len, num_tokens=n_tok, num_seqs=n_seq)
         gradient_level = per_obj is not None
         obj_grads = None
-        self._onpolicy_logprobs = []
+        forward_logprobs = []
         logs = {"policy": 0.0, "kl": 0.0, "clipfrac": 0.0, "clipfrac_lower": 0.0}
         for start in range(0, len(mini), mb):
             sl = slice(start, start + mb)
             m = mini.response_mask[sl].to(self.device)
             lp = micro_batch_logprobs(self.model, mini.prompt_ids[sl], mini.prompt_mask[sl], mini.response_ids[sl],
                                       mini.response_mask[sl], self.cfg.rollout.temperature, grad=True)
-            if old_lp is None:
-                old = lp.detach()
-                self._onpolicy_logprobs.append(old.cpu())
-            else:
-                old = old_lp[sl].to(self.device)
+            forward_logprobs.append(lp.detach().cpu())
+            old = lp.detach() if old_lp is None else old_lp[sl].to(self.device)
             frac = float(m.sum()) / n_tok
             kl = torch.zeros((), device=self.device)
             if ref_lp is not None:
@@ -344,7 +343,7 @@ class Trainer:
         if gradient_level:
             self._write_combined_direction(obj_grads, stats)
         logs["total"] = logs["policy"] + lc.kl_coef * logs["kl"]
-        return logs
+        return logs, torch.cat(forward_logprobs)
 
     # gradient-level weightings: per-objective gradients G [M, P] over the trainable parameters, combined by the
     # weighting into one direction that is added to ``.grad`` (which already holds the KL gradient).
@@ -463,7 +462,6 @@ class Trainer:
         if self.law is not None and state.get("law") is not None:
             self.law.load_state_dict(state["law"])
         self.metrics.truncate(state["metrics_offset"])
-        self._resumed_from = path
 
     # ------------------------------------------------------------------------------------------ the run
 

@@ -204,7 +204,7 @@ def gradient_ascent(problem: SoftmaxProblem, signal: torch.Tensor, steps: int, s
     """θ_{t+1} = θ_t + step_size · ∇J_s(θ_t), recording J_s, every J_j and ‖∇J_s‖² along the way."""
     theta = problem.zero_params() if theta0 is None else theta0
     thetas, values, objective_values, grad_sq_norms = [], [], [], []
-    for t in range(steps + 1):
+    for _ in range(steps + 1):
         probs = problem.probs(theta)
         grad = problem.grad(theta, signal)
         thetas.append(theta)
