@@ -19,7 +19,9 @@ import copy
 import math
 import os
 import random
+import resource
 import signal
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,6 +38,7 @@ from moalign.diagnostics.law import LawMonitor
 from moalign.diagnostics.pl import PLEstimator
 from moalign.engine import checkpoint as ckpt
 from moalign.engine import rollout as hf_rollout
+from moalign.engine.memory import limit_heap_growth
 from moalign.engine.evaluation import (
     encode_prompts,
     eval_change_table,
@@ -125,6 +128,7 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.callbacks = callbacks or []
+        limit_heap_growth()
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         seed_everything(cfg.seed)
@@ -242,6 +246,7 @@ class Trainer:
         record.update(timer.metrics())
         record["perf/sample_tokens_per_s"] = n_tok / max(timer.seconds["sample"], 1e-9)
         record["perf/step_s"] = sum(timer.seconds.values())
+        record["perf/peak_rss_gb"] = peak_rss_gb()
         return record
 
     def _reference_logprobs(self, rollout: Rollout) -> torch.Tensor:
@@ -561,6 +566,12 @@ class Trainer:
                 "eval": table, "skipped_steps": self.skipped_steps,
                 "law": None if self.law is None else self.law.summary(), "pl": {"mu_hat": self.pl.mu_hat,
                                                                                 "j_star": self.j_star}}
+
+
+def peak_rss_gb() -> float:
+    """The process's resident-memory high-water mark so far (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1e9 if sys.platform == "darwin" else peak * 1024 / 1e9
 
 
 class PhaseTimer:

@@ -686,8 +686,10 @@ def train_with_trl(cfg: TrainConfig, run_dir: Union[str, Path],
     A run directory holding TRL checkpoints is resumed from its latest one. ``trl_overrides`` are further
     ``GRPOConfig`` fields (``use_vllm``, ``vllm_mode``, ``gradient_checkpointing``, ...); the batch geometry is the
     config's (``PLANNED_FIELDS``)."""
+    from moalign.engine.memory import limit_heap_growth
     from moalign.engine.trainer import resolve_device, seed_everything
 
+    limit_heap_growth()
     run_dir, wall_start = Path(run_dir), time.perf_counter()
     _check_family(cfg.weighting.name, WEIGHTINGS.get(cfg.weighting.name).family)  # before loading anything
     use_cpu = resolve_device(cfg.device).type == "cpu"

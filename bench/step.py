@@ -1,0 +1,147 @@
+"""Where a native RL step's time and memory go: per-phase seconds, peak resident memory per phase, and the
+fraction of this machine's matmul peak the training passes reach.
+
+    python bench/step.py                         # the default job's config (SmolLM2-135M, CTWA), 3 timed steps
+    python bench/step.py model=tiny --steps 6    # any config override, as for `moalign train`
+
+The config is the default `moalign train` config with the overrides given, minus evaluation and checkpoints (they
+are not part of a step). One warm-up step runs first; the figures are medians over the timed steps. Prints
+``name: value`` lines:
+
+* ``phase_<name>_s`` and ``phase_<name>_fraction``: the trainer's own phase timers (sample, score, ref_logprobs,
+  update, post_logprobs, weighting, …) and their share of the step; ``weighting_fraction`` is the weighting's
+  statistic and update (``advantages`` + ``weighting``);
+* ``peak_rss_gb_<phase>``: the largest resident set seen while the phase ran (sampled every 5 ms), ``load`` being
+  model loading and trainer construction, and ``peak_rss_gb`` the process's high-water mark (``ru_maxrss``);
+* ``matmul_peak_gflops`` (best of 10 fp32 1024³ matmuls, measured in the same run), and for every pass over the
+  batch ``<phase>_gflops`` and ``<phase>_peak_fraction``: FLOPs counted from the model's shape (2 per weight per
+  position for a forward, the LM head only on response positions, attention's QKᵀ and AV; the update is forward
+  + backward = 3 forwards) over the phase's seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import matmul_peak_gflops, report, set_threads  # noqa: E402
+
+NO_EVAL = ["eval.every=0", "eval.num_prompts=1", "eval.test_at_end=false", "checkpoint.every=0",
+           "log.progress=false"]
+FORWARD_PASSES = {"ref_logprobs": 1, "old_logprobs": 1, "post_logprobs": 1, "update": 3}
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+class RssWatcher:
+    """The largest resident set size seen since the last ``reset()``, sampled by a background thread."""
+
+    def __init__(self, interval: float = 0.005):
+        self.interval, self.peak = interval, rss_bytes()
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def _watch(self) -> None:
+        while True:
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(self.interval)
+
+    def reset(self) -> int:
+        peak, self.peak = max(self.peak, rss_bytes()), rss_bytes()
+        return peak
+
+
+def forward_flops(model, rollout) -> float:
+    """FLOPs of one forward over the rollout: every position through the decoder's linear layers and attention,
+    response positions only through the LM head (the trainer's micro-batches compute it there only)."""
+    import torch
+
+    head = model.get_output_embeddings().weight
+    decoder = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m.weight is not head)
+    c = model.config
+    positions = float(rollout.prompt_mask.sum() + rollout.response_mask.sum())
+    width = rollout.prompt_ids.shape[1] + rollout.response_ids.shape[1]  # attention spans the padded width
+    attention = 2 * 2 * c.num_hidden_layers * c.hidden_size * width * positions
+    return 2 * decoder * positions + 2 * head.numel() * float(rollout.response_mask.sum()) + attention
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    args = parser.parse_intermixed_args()
+    set_threads(args.threads)
+    watcher = RssWatcher()
+    report("matmul_peak_gflops", peak := matmul_peak_gflops())
+
+    import moalign.engine.trainer as trainer_module
+    from moalign.config import TrainConfig, build_config
+
+    phase_peaks: dict[str, list[float]] = {}
+    original_call = trainer_module.PhaseTimer.__call__
+
+    def watched_phase(self, name):  # the trainer's phase timer, plus the phase's peak resident set
+        from contextlib import contextmanager
+
+        @contextmanager
+        def run():
+            watcher.reset()
+            with original_call(self, name):
+                yield
+            phase_peaks.setdefault(name, []).append(watcher.reset() / 1e9)
+        return run()
+
+    trainer_module.PhaseTimer.__call__ = watched_phase
+    rollouts = []
+    original_generate = None
+
+    with tempfile.TemporaryDirectory(prefix="moalign-bench-step-") as tmp:
+        run_dir = Path(tmp) / "run"
+        run_dir.mkdir()
+        cfg = build_config(TrainConfig, {}, [*NO_EVAL, f"steps={args.steps + 1}", f"run_dir={run_dir}",
+                                             f"threads={args.threads}", *args.overrides])
+        watcher.reset()
+        trainer = trainer_module.Trainer(cfg, run_dir)
+        report("peak_rss_gb_load", watcher.reset() / 1e9)
+        original_generate = trainer.generate
+        trainer.generate = lambda *a, **k: rollouts.append(original_generate(*a, **k)) or rollouts[-1]
+        trainer._evaluate_start = lambda: None
+        records = []
+        for _ in range(args.steps + 1):
+            records.append(trainer.step())
+        records, rollouts = records[1:], rollouts[1:]
+
+    phases = [k.removeprefix("time/").removesuffix("_s") for k in records[0] if k.startswith("time/")]
+    step_s = statistics.median(r["perf/step_s"] for r in records)
+    report("step_s", step_s)
+    for name in phases:
+        seconds = statistics.median(r[f"time/{name}_s"] for r in records)
+        report(f"phase_{name}_s", seconds)
+        report(f"phase_{name}_fraction", seconds / step_s)
+    report("weighting_fraction", statistics.median(
+        (r.get("time/advantages_s", 0.0) + r.get("time/weighting_s", 0.0)) / r["perf/step_s"] for r in records))
+    report("sample_tokens_per_s", statistics.median(r["perf/sample_tokens_per_s"] for r in records))
+    flops = statistics.median(forward_flops(trainer.model, ro) for ro in rollouts)
+    for name, passes in FORWARD_PASSES.items():
+        if f"time/{name}_s" in records[0]:
+            gflops = passes * flops / statistics.median(r[f"time/{name}_s"] for r in records) / 1e9
+            report(f"{name}_gflops", gflops)
+            report(f"{name}_peak_fraction", gflops / peak)
+    for name, peaks in phase_peaks.items():
+        report(f"peak_rss_gb_{name}", max(peaks))
+    report("peak_rss_gb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9)
+
+
+if __name__ == "__main__":
+    main()
