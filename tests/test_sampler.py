@@ -273,3 +273,54 @@ def test_rollout_tensors_work_under_autograd(llama, tokenizer):
     loss.backward()
     assert llama.lm_head.weight.grad is not None
     llama.zero_grad(set_to_none=True)
+
+
+# ---- teacher-forced log-probs with a group's prompt run once ---------------------------------------------------
+
+def logprobs_and_gradients(model, rollout, share_prompts, micro_batch_size):
+    """Log-probs [B, Tr] and the gradient of a fixed random weighting of them w.r.t. every parameter."""
+    model.zero_grad(set_to_none=True)
+    lp = response_logprobs(model, rollout, micro_batch_size, temperature=0.7, grad=True, share_prompts=share_prompts)
+    weights = torch.randn(lp.shape, generator=torch.Generator().manual_seed(0))
+    (lp * weights).sum().backward()
+    grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+    model.zero_grad(set_to_none=True)
+    return lp.detach(), grads
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+@pytest.mark.parametrize("micro_batch_size", [3, 4, 12])  # groups split across micro-batches, whole, all at once
+def test_shared_prompt_forward_equals_plain_forward(name, micro_batch_size, tokenizer):
+    config_class, model_class = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[name]
+    model = tiny_model(config_class, model_class)
+    prompts, groups = groups_of(random_prompts(3, seed=5), 4)
+    torch.manual_seed(0)
+    rollout = fast_generate(model, tokenizer, prompts, groups, groups, MAX_NEW)
+    assert len(set(rollout.num_tokens)) > 1  # rows end at different lengths: padding inside the shared batch
+    plain_lp, plain_grads = logprobs_and_gradients(model, rollout, False, micro_batch_size)
+    shared_lp, shared_grads = logprobs_and_gradients(model, rollout, True, micro_batch_size)
+    assert torch.allclose(shared_lp, plain_lp, atol=1e-5)
+    assert plain_grads.norm() > 0
+    assert (shared_grads - plain_grads).norm() / plain_grads.norm() < 1e-5
+
+
+def test_shared_prompt_forward_runs_each_prompt_once(llama, tokenizer):
+    prompts, groups = groups_of(random_prompts(2, seed=3), 3)
+    rollout = fast_generate(llama, tokenizer, prompts, groups, groups, 6)
+    seen = []
+    hook = llama.model.embed_tokens.register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape)))
+    try:
+        response_logprobs(llama, rollout, micro_batch_size=6)
+    finally:
+        hook.remove()
+    width, tr = rollout.prompt_ids.shape[1], rollout.response_ids.shape[1]
+    assert seen == [(2, width), (6, tr - 1)]  # 2 distinct prompts, then the 6 responses on their cached prompts
+
+
+def test_sliding_window_cache_falls_back_to_the_plain_forward(tokenizer):
+    model = tiny_model(MistralConfig, MistralForCausalLM, sliding_window=4)
+    prompts, groups = groups_of(random_prompts(2, seed=3), 3)
+    torch.manual_seed(0)
+    rollout = fast_generate(model, tokenizer, prompts, groups, groups, 8)
+    shared = response_logprobs(model, rollout, 6, share_prompts=True)
+    assert torch.allclose(shared, response_logprobs(model, rollout, 6, share_prompts=False), atol=1e-5)

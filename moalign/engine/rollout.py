@@ -113,30 +113,86 @@ def assemble_rollout(tokenizer, prompt_ids, prompt_mask, response_chunks: list[t
 
 
 def response_logprobs(model, rollout: Rollout, micro_batch_size: int, temperature: float = 1.0,
-                      grad: bool = False) -> torch.Tensor:
+                      grad: bool = False, share_prompts: bool = True) -> torch.Tensor:
     """log π(response token | prefix) for every response position, [B, Tr] (0 where masked out).
 
     Only the response positions go through the LM head (``logits_to_keep``), one micro-batch at a time, so the
-    full-vocabulary logits of the whole batch never exist at once."""
+    full-vocabulary logits of the whole batch never exist at once. Keep a group's rows next to each other (as the
+    trainer lays rollouts out) so that micro-batches share prompts (``micro_batch_logprobs``)."""
     outs = []
     for start in range(0, len(rollout), micro_batch_size):
         sl = slice(start, start + micro_batch_size)
         outs.append(micro_batch_logprobs(model, rollout.prompt_ids[sl], rollout.prompt_mask[sl],
-                                         rollout.response_ids[sl], rollout.response_mask[sl], temperature, grad))
+                                         rollout.response_ids[sl], rollout.response_mask[sl], temperature, grad,
+                                         share_prompts))
     return torch.cat(outs)
 
 
-def micro_batch_logprobs(model, prompt_ids, prompt_mask, response_ids, response_mask, temperature=1.0, grad=False):
+def micro_batch_logprobs(model, prompt_ids, prompt_mask, response_ids, response_mask, temperature=1.0, grad=False,
+                         share_prompts=True):
+    """log-probs [b, Tr] of the responses of one micro-batch (0 where masked out), with autograd when ``grad``.
+
+    With ``share_prompts``, rows with the same prompt (the samples of a group) run it once: the prompt's keys and
+    values are computed once and gathered for every row that continues it, so the prompt's forward — and backward,
+    the gather's gradient summing the rows' contributions — costs one row instead of n. Same numbers as the plain
+    forward up to float rounding; models whose cache is not plain full attention take the plain forward."""
     device = next(model.parameters()).device
-    tr = response_ids.shape[1]
-    input_ids = torch.cat([prompt_ids, response_ids], 1).to(device)
-    attn = torch.cat([prompt_mask, response_mask.long()], 1).to(device)
-    position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
+    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+    targets, mask = response_ids.to(device), response_mask.to(device)
     with torch.set_grad_enabled(grad):
-        logits = model(input_ids=input_ids, attention_mask=attn, position_ids=position_ids,
-                       logits_to_keep=tr + 1, use_cache=False).logits[:, :-1].float()
-        if temperature != 1.0:
-            logits = logits / temperature
-        targets = response_ids.to(device)
-        lp = logits.gather(-1, targets[..., None]).squeeze(-1) - torch.logsumexp(logits, -1)
-    return lp * response_mask.to(device)
+        logits = None
+        if share_prompts:
+            logits = _logits_sharing_prompts(model, prompt_ids, prompt_mask, targets, mask)
+        if logits is None:
+            logits = _logits(model, prompt_ids, prompt_mask, targets, mask)
+        lp = torch.cat([_token_logprobs(part, temperature, part_targets)
+                        for part, part_targets in zip(logits, targets.split([p.shape[1] for p in logits], 1))], 1)
+    return lp * mask
+
+
+def _token_logprobs(logits: torch.Tensor, temperature: float, targets: torch.Tensor) -> torch.Tensor:
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    return logits.gather(-1, targets[..., None]).squeeze(-1) - torch.logsumexp(logits, -1)
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _logits(model, prompt_ids, prompt_mask, response_ids, response_mask) -> list[torch.Tensor]:
+    """The logits predicting each response token, [b, Tr, V], from one forward over ``[prompt | response]``."""
+    tr = response_ids.shape[1]
+    attn = torch.cat([prompt_mask, response_mask.long()], 1)
+    out = model(input_ids=torch.cat([prompt_ids, response_ids], 1), attention_mask=attn, position_ids=_positions(attn),
+                logits_to_keep=tr + 1, use_cache=False)
+    return [out.logits[:, :-1]]
+
+
+def _logits_sharing_prompts(model, prompt_ids, prompt_mask, response_ids, response_mask) -> list[torch.Tensor] | None:
+    """The logits of ``_logits`` as [b, 1, V] (from the prompt's last position) and [b, Tr − 1, V] (from the
+    response), running each distinct prompt once; ``None`` when no two rows share a prompt or the model's cache
+    cannot be gathered row-wise."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    distinct, row_of = torch.unique(torch.cat([prompt_ids, prompt_mask], 1), dim=0, return_inverse=True)
+    if len(distinct) == len(prompt_ids):
+        return None
+    width = prompt_ids.shape[1]
+    ids, pmask = distinct[:, :width], distinct[:, width:]
+    out = model(input_ids=ids, attention_mask=pmask, position_ids=_positions(pmask), use_cache=True,
+                past_key_values=DynamicCache(config=model.config), logits_to_keep=1)
+    cache = out.past_key_values
+    if cache is None or not all(type(layer) is DynamicLayer for layer in cache.layers):
+        return None  # sliding-window, linear-attention...: the plain forward handles their masks
+    first = out.logits[:, -1:][row_of]
+    if response_ids.shape[1] == 1:
+        return [first]
+    for layer in cache.layers:  # row r continues distinct prompt row_of[r]; the gather's backward sums over a group
+        layer.keys, layer.values = layer.keys[row_of], layer.values[row_of]
+    attn = torch.cat([prompt_mask, response_mask.long()], 1)[:, :-1]
+    rest = model(input_ids=response_ids[:, :-1], attention_mask=attn, position_ids=_positions(attn)[:, width:],
+                 past_key_values=cache, use_cache=True)
+    return [first, rest.logits]

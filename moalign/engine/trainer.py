@@ -283,8 +283,9 @@ class Trainer:
         sums: dict[str, float] = {}
         n_updates = 0
         for _ in range(o.ppo_epochs):
-            perm = torch.randperm(B, generator=gen)
-            for mini in perm.chunk(o.mini_batches):
+            for mini in torch.randperm(B, generator=gen).chunk(o.mini_batches):
+                # a group's rows side by side, so that micro-batches run each prompt once (micro_batch_logprobs)
+                mini = mini[torch.argsort(rollout.group_ids[mini], stable=True)]
                 part, mini_logprobs = self._mini_batch_gradients(rollout.select(mini), None if old_lp is None else old_lp[mini],
                                                   None if ref_lp is None else ref_lp[mini], advantages[mini],
                                                   None if per_obj is None else per_obj[mini], stats)
@@ -303,7 +304,7 @@ class Trainer:
         out["actor/skipped_steps"] = self.skipped_steps
         if old_lp is None:  # on-policy: the forward of the (single) update is π_old, record it for the weighting
             stats.old_logprobs = torch.empty_like(rollout.response_mask)
-            stats.old_logprobs[perm] = mini_logprobs
+            stats.old_logprobs[mini] = mini_logprobs
         return out
 
     def _exactly_on_policy(self) -> bool:
