@@ -14,9 +14,8 @@ are not part of a step). One warm-up step runs first; the figures are medians ov
 * ``peak_rss_gb_<phase>``: the largest resident set seen while the phase ran (sampled every 5 ms), ``load`` being
   model loading and trainer construction, and ``peak_rss_gb`` the process's high-water mark (``ru_maxrss``);
 * ``matmul_peak_gflops`` (best of 10 fp32 1024³ matmuls, measured in the same run), and for every pass over the
-  batch ``<phase>_gflops`` and ``<phase>_peak_fraction``: FLOPs counted from the model's shape (2 per weight per
-  position for a forward, the LM head only on response positions, attention's QKᵀ and AV; the update is forward
-  + backward = 3 forwards) over the phase's seconds.
+  batch ``<phase>_gflops`` and ``<phase>_peak_fraction``: the FLOPs the pass executes, counted from the model's
+  shape (``forward_flops``; the update is forward + backward = 3 forwards), over the phase's seconds.
 """
 
 from __future__ import annotations
@@ -61,18 +60,28 @@ class RssWatcher:
         return peak
 
 
-def forward_flops(model, rollout) -> float:
-    """FLOPs of one forward over the rollout: every position through the decoder's linear layers and attention,
-    response positions only through the LM head (the trainer's micro-batches compute it there only)."""
+def forward_flops(model, rollout, micro_batch_size: int) -> float:
+    """FLOPs the trainer's forward over the rollout executes (padding included, as the matmuls see it): per
+    micro-batch, each distinct prompt once through the decoder (``micro_batch_logprobs`` shares a group's prompt),
+    every row's response through the decoder and the LM head, and attention's QKᵀ and AV over the padded widths."""
     import torch
 
     head = model.get_output_embeddings().weight
     decoder = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m.weight is not head)
     c = model.config
-    positions = float(rollout.prompt_mask.sum() + rollout.response_mask.sum())
-    width = rollout.prompt_ids.shape[1] + rollout.response_ids.shape[1]  # attention spans the padded width
-    attention = 2 * 2 * c.num_hidden_layers * c.hidden_size * width * positions
-    return 2 * decoder * positions + 2 * head.numel() * float(rollout.response_mask.sum()) + attention
+    tp, tr = rollout.prompt_ids.shape[1], rollout.response_ids.shape[1]
+    total = 0.0
+    for start in range(0, len(rollout), micro_batch_size):
+        rows = slice(start, start + micro_batch_size)
+        b = len(rollout.prompt_ids[rows])
+        d = len(torch.unique(rollout.prompt_ids[rows], dim=0))
+        if d < b:  # each distinct prompt, then the responses on their cached prompts
+            positions, attention = d * tp + b * (tr - 1), d * tp * tp + b * (tr - 1) * (tp + tr)
+        else:  # one forward over [prompt | response]
+            positions, attention = b * (tp + tr), b * (tp + tr) ** 2
+        total += (2 * decoder * positions + 2 * head.numel() * b * tr
+                  + 2 * 2 * c.num_hidden_layers * c.hidden_size * attention)
+    return total
 
 
 def main() -> None:
@@ -132,7 +141,7 @@ def main() -> None:
     report("weighting_fraction", statistics.median(
         (r.get("time/advantages_s", 0.0) + r.get("time/weighting_s", 0.0)) / r["perf/step_s"] for r in records))
     report("sample_tokens_per_s", statistics.median(r["perf/sample_tokens_per_s"] for r in records))
-    flops = statistics.median(forward_flops(trainer.model, ro) for ro in rollouts)
+    flops = statistics.median(forward_flops(trainer.model, ro, cfg.optim.micro_batch_size) for ro in rollouts)
     for name, passes in FORWARD_PASSES.items():
         if f"time/{name}_s" in records[0]:
             gflops = passes * flops / statistics.median(r[f"time/{name}_s"] for r in records) / 1e9
