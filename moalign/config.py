@@ -65,6 +65,10 @@ class LossConfig(Section):
     kl_coef: float = Field(0.001, ge=0, description="KL-to-reference loss coefficient (0 skips the reference)")
     kl_estimator: str = "k3"
     loss_agg: str = "token-mean"
+    old_logprobs: Literal["auto", "sampler", "recompute"] = Field(
+        "auto", description="π_old of an update that is not exactly on-policy (several mini-batches or PPO epochs): "
+        "'sampler' reuses the fast sampler's log-probs (no extra forward), 'recompute' runs a forward; 'auto': "
+        "the sampler's in float32, a forward in half precision (KV-cache decoding rounds differently there)")
 
     @field_validator("kl_estimator")
     @classmethod
@@ -187,6 +191,13 @@ class TrainConfig(Section):
         if len(set(v)) != len(v):
             raise ValueError("objectives must be distinct")
         return v
+
+    @model_validator(mode="after")
+    def _sampler_logprobs(self):
+        if self.loss.old_logprobs == "sampler" and self.rollout.sampler != "fast":
+            raise ValueError("loss.old_logprobs=sampler needs rollout.sampler=fast (transformers' generate returns "
+                             "no log-probs)")
+        return self
 
 
 # --------------------------------------------------------------------------------------------- loading

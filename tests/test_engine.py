@@ -112,3 +112,23 @@ def test_cli_train_tiny(tmp_path, capsys):
     assert "accuracy" in out and "change" in out
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 1 and "interference" in summary
+
+
+def test_sampler_logprobs_serve_as_pi_old_without_a_forward(tmp_path):
+    """Two mini-batches × two PPO epochs need π_old before the first update: the fast sampler's log-probs give it
+    without the extra forward pass, and the update is the one a recomputed π_old gives."""
+    off_policy = ["weighting=linear", "steps=1", "optim.mini_batches=2", "optim.ppo_epochs=2", "eval.test_at_end=false"]
+    reused, _ = run(tmp_path, *off_policy, name="sampler")
+    recomputed, _ = run(tmp_path, *off_policy, "loss.old_logprobs=recompute", name="recompute")
+    a, b = (read_metrics(d / "metrics.jsonl")[1] for d in (reused, recomputed))
+    assert "time/old_logprobs_s" not in a and b["time/old_logprobs_s"] > 0
+    for key in ("loss/policy", "actor/grad_norm", "loss/kl"):
+        assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-7), key
+    assert a["actor/clipfrac"] == b["actor/clipfrac"]
+
+
+def test_sampler_logprobs_need_the_fast_sampler():
+    from moalign.errors import UserError
+
+    with pytest.raises(UserError, match="old_logprobs=sampler needs rollout.sampler=fast"):
+        tiny_config("loss.old_logprobs=sampler", "rollout.sampler=hf")

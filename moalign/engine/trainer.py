@@ -206,8 +206,10 @@ class Trainer:
                 self._probe_last = self._probe_means()
         old_lp = None  # exactly on-policy (1 epoch, 1 mini-batch): π_old is the update's own detached forward
         if not self._exactly_on_policy():
-            with timer("old_logprobs"):
-                old_lp = response_logprobs(self.model, rollout, mb, r.temperature).cpu()
+            old_lp = self._sampler_logprobs_as_old(rollout)
+            if old_lp is None:
+                with timer("old_logprobs"):
+                    old_lp = response_logprobs(self.model, rollout, mb, r.temperature).cpu()
         ref_lp = None
         if cfg.loss.kl_coef > 0:
             with timer("ref_logprobs"):
@@ -306,6 +308,17 @@ class Trainer:
             stats.old_logprobs = torch.empty_like(rollout.response_mask)
             stats.old_logprobs[mini] = mini_logprobs
         return out
+
+    def _sampler_logprobs_as_old(self, rollout: Rollout) -> torch.Tensor | None:
+        """The sampler's per-token log-probs as π_old, which saves a forward pass. They are log π under the same
+        weights and temperature, from the KV-cache decode instead of one forward over the sequence: equal to ≈ 1e-5
+        in float32, but not in half precision, where ``auto`` recomputes."""
+        mode = self.cfg.loss.old_logprobs
+        if mode == "recompute" or rollout.sampler_logprobs is None:
+            return None
+        if mode == "auto" and next(self.model.parameters()).dtype != torch.float32:
+            return None
+        return rollout.sampler_logprobs
 
     def _exactly_on_policy(self) -> bool:
         return self.cfg.optim.ppo_epochs == 1 and self.cfg.optim.mini_batches == 1
