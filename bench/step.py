@@ -88,14 +88,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--plain-forward", action="store_true",
+                        help="run every row's prompt (no shared-prompt forward), to measure what sharing saves")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_intermixed_args()
     set_threads(args.threads)
     watcher = RssWatcher()
     report("matmul_peak_gflops", peak := matmul_peak_gflops())
 
+    import moalign.engine.rollout as rollout_module
     import moalign.engine.trainer as trainer_module
     from moalign.config import TrainConfig, build_config
+
+    if args.plain_forward:
+        shared = rollout_module.micro_batch_logprobs
+
+        def plain(*args, **kwargs):
+            return shared(*args, **{**kwargs, "share_prompts": False})
+        rollout_module.micro_batch_logprobs = trainer_module.micro_batch_logprobs = plain
+    report("shared_prompt_forward", not args.plain_forward)
 
     phase_peaks: dict[str, list[float]] = {}
     original_call = trainer_module.PhaseTimer.__call__

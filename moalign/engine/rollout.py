@@ -124,7 +124,7 @@ def response_logprobs(model, rollout: Rollout, micro_batch_size: int, temperatur
         sl = slice(start, start + micro_batch_size)
         outs.append(micro_batch_logprobs(model, rollout.prompt_ids[sl], rollout.prompt_mask[sl],
                                          rollout.response_ids[sl], rollout.response_mask[sl], temperature, grad,
-                                         share_prompts))
+                                         share_prompts=share_prompts))
     return torch.cat(outs)
 
 

@@ -38,13 +38,13 @@ from moalign.diagnostics.law import LawMonitor
 from moalign.diagnostics.pl import PLEstimator
 from moalign.engine import checkpoint as ckpt
 from moalign.engine import rollout as hf_rollout
-from moalign.engine.memory import limit_heap_growth
 from moalign.engine.evaluation import (
     encode_prompts,
     eval_change_table,
     evaluate_split,
     score_batch,
 )
+from moalign.engine.memory import trim_heap
 from moalign.engine.metrics import MetricsWriter
 from moalign.engine.rollout import Rollout, micro_batch_logprobs, response_logprobs
 from moalign.engine.sampler import fast_generate
@@ -128,7 +128,6 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.callbacks = callbacks or []
-        limit_heap_growth()
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         seed_everything(cfg.seed)
@@ -598,6 +597,7 @@ class PhaseTimer:
         try:
             yield
         finally:
+            trim_heap()  # what the phase freed goes back to the system, not into heap holes (engine/memory.py)
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
     def metrics(self) -> dict[str, float]:

@@ -68,6 +68,7 @@ from moalign.cli import write_summary
 from moalign.config import TrainConfig
 from moalign.engine.checkpoint import atomic_torch_save, load_checkpoint
 from moalign.engine.evaluation import encode_prompts, eval_change_table, evaluate_split
+from moalign.engine.memory import trim_heap
 from moalign.engine.metrics import MetricsWriter, read_metrics
 from moalign.engine.rollout import generate
 from moalign.errors import UserError
@@ -645,6 +646,7 @@ class RunDirRecorder(TrainerCallback):
         step, every = state.global_step // self.k, self.cfg.eval.every
         if self.evaluate is not None and every and step % every == 0 and step < self.cfg.steps:
             self.pending.update(self._evaluate(step, ["val"]))
+        trim_heap()  # as the native engine does after each phase (engine/memory.py)
         now = time.perf_counter()
         self.pending["perf/step_s"] = now - self.step_started - self.eval_seconds
         self.step_started, self.eval_seconds = now, 0.0
@@ -686,10 +688,8 @@ def train_with_trl(cfg: TrainConfig, run_dir: Union[str, Path],
     A run directory holding TRL checkpoints is resumed from its latest one. ``trl_overrides`` are further
     ``GRPOConfig`` fields (``use_vllm``, ``vllm_mode``, ``gradient_checkpointing``, ...); the batch geometry is the
     config's (``PLANNED_FIELDS``)."""
-    from moalign.engine.memory import limit_heap_growth
     from moalign.engine.trainer import resolve_device, seed_everything
 
-    limit_heap_growth()
     run_dir, wall_start = Path(run_dir), time.perf_counter()
     _check_family(cfg.weighting.name, WEIGHTINGS.get(cfg.weighting.name).family)  # before loading anything
     use_cpu = resolve_device(cfg.device).type == "cpu"
