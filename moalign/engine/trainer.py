@@ -87,6 +87,16 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def make_adamw(params: list[torch.nn.Parameter], **kwargs: Any) -> torch.optim.AdamW:
+    """AdamW with the fused kernel where torch has one for these parameters (CPU and CUDA): one pass over each
+    tensor instead of foreach's temporaries the size of the model (0.08 s vs 0.37 s per step for SmolLM2 on 2
+    cores), the same update up to float rounding."""
+    try:
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+    except (RuntimeError, ValueError):  # e.g. a device or dtype without a fused kernel
+        return torch.optim.AdamW(params, **kwargs)
+
+
 class PromptStream:
     """Seeded, resumable order over training examples: a fresh permutation every epoch."""
 
@@ -151,7 +161,7 @@ class Trainer:
         if not self.params:
             raise UserError("no trainable parameters (check model.train_last_k_layers / model.lora)")
         o = cfg.optim
-        self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas)
+        self.optimizer = make_adamw(self.params, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas)
         self.stream = PromptStream(len(self.splits["train"]), cfg.seed)
         self.step_idx = 0
         self.skipped_steps = 0
