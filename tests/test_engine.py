@@ -44,8 +44,9 @@ def test_end_to_end_ctwa_run_directory(tmp_path):
             assert math.isfinite(line[f"weight/{obj}"]) and line[f"weight/{obj}"] > 0
             assert f"ctwa/cov/{obj}" in line and f"ctwa/ema/{obj}" in line and f"ctwa/deficit/{obj}" in line
         for key in ("loss/policy", "loss/kl", "actor/clipfrac", "actor/grad_norm", "perf/step_s",
-                    "time/sample_s", "time/post_logprobs_s", "train/length/mean"):
+                    "time/sample_s", "time/post_logprobs_s", "train/length/mean", "perf/peak_rss_gb"):
             assert math.isfinite(line[key]), key
+        assert 0.1 < line["perf/peak_rss_gb"] < 24  # this process's high-water mark, in GB
     assert len(lines[0]["eval/val/accuracy/per_prompt"]) == 4
     assert set(summary["eval"]) == {"val", "test"}
     for row in summary["eval"]["val"].values():
@@ -132,3 +133,14 @@ def test_sampler_logprobs_need_the_fast_sampler():
 
     with pytest.raises(UserError, match="old_logprobs=sampler needs rollout.sampler=fast"):
         tiny_config("loss.old_logprobs=sampler", "rollout.sampler=hf")
+
+
+def test_adamw_uses_the_fused_kernel_on_cpu():
+    from moalign.engine.trainer import make_adamw
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = make_adamw([weight], lr=0.1, weight_decay=0.0, betas=(0.9, 0.999))
+    assert optimizer.defaults["fused"]
+    weight.grad = torch.tensor([1.0, -1.0, 0.0])
+    optimizer.step()  # Adam's first step moves each weight by lr·sign(grad)
+    assert torch.allclose(weight.detach(), torch.tensor([0.9, 1.1, 1.0]), atol=1e-6)

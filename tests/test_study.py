@@ -272,7 +272,8 @@ def test_findings_on_hand_built_runs(study_dir):
     text = " ".join([*finding.clauses, finding.summary])
     # identical seeds: the t-interval over seeds has zero width
     assert "under linear, clarity degrades by 0.400 [CI −0.400, −0.400] while accuracy rises by 0.300" in text
-    assert "interference in 2 of 2 runs" in text and "interference in 0 of 2 runs" in text
+    assert "interference in 2 of 2 runs, yes with its 2 seeds pooled" in text
+    assert "interference in 0 of 2 runs, no with its 2 seeds pooled" in text
     assert "Chosen on val by hypervolume: ctwa" in text
 
 

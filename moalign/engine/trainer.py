@@ -19,7 +19,6 @@ import copy
 import math
 import os
 import random
-import resource
 import signal
 import sys
 import time
@@ -592,7 +591,11 @@ class Trainer:
 
 
 def peak_rss_gb() -> float:
-    """The process's resident-memory high-water mark so far (Linux reports KiB, macOS bytes)."""
+    """The process's resident-memory high-water mark so far (Linux reports KiB, macOS bytes; NaN on Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return math.nan
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 1e9 if sys.platform == "darwin" else peak * 1024 / 1e9
 

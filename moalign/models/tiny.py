@@ -33,10 +33,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import random
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,8 +51,7 @@ from transformers import (
 import moalign.data.arithmetic as arithmetic
 from moalign.data.arithmetic import ArithmeticProblem, generate_problems, solution_steps
 from moalign.data.base import DEFAULT_PROMPT_SUFFIX
-from moalign.errors import UserError
-from moalign.models.loading import cache_root
+from moalign.models.loading import cache_root, save_built_model
 
 PAD, EOS = "<|pad|>", "<|eos|>"
 # "Q: {user}\n" per user turn, "A: {assistant}<|eos|>\n" per assistant turn; the generation prompt is "A:".
@@ -102,7 +98,7 @@ def load_tiny(cache_dir: Path | None = None, seed: int = 0, progress: bool = Tru
     root = Path(cache_dir) if cache_dir is not None else cache_root()
     folder = root / f"tiny-{recipe_hash(recipe, seed)}"
     if not folder.is_dir():
-        _build_atomically(folder, recipe, seed, progress)
+        save_built_model(folder, lambda: build_tiny(recipe, seed, progress))
     return LlamaForCausalLM.from_pretrained(folder), PreTrainedTokenizerFast.from_pretrained(folder)
 
 
@@ -112,26 +108,6 @@ def recipe_hash(recipe: TinyRecipe, seed: int) -> str:
     for module_file in (__file__, arithmetic.__file__):
         h.update(Path(module_file).read_bytes())
     return h.hexdigest()[:10]
-
-
-def _build_atomically(folder: Path, recipe: TinyRecipe, seed: int, progress: bool) -> None:
-    try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-building-"))
-    except OSError as exc:
-        raise UserError(f"cannot write the tiny model's cache in {folder.parent} ({exc.strerror}); set "
-                        "MOALIGN_CACHE to a writable folder") from None
-    try:
-        model, tokenizer = build_tiny(recipe, seed, progress)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        try:
-            os.rename(tmp, folder)
-        except OSError:  # another process finished the same build first: keep theirs
-            if not folder.is_dir():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def build_tiny(recipe: TinyRecipe, seed: int, progress: bool) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:

@@ -360,9 +360,19 @@ def clear_moves(config: ConfigResult, split: str) -> str:
 
 
 def interference_count(configs: Sequence[ConfigResult], split: str) -> str:
-    """"; interference in k of n runs" over the runs of ``configs`` (empty when no run has a verdict)."""
+    """"; interference in k of n runs" over the runs of ``configs`` (empty when no run has a verdict), then, for
+    configurations with several seeds, the verdict with the seeds pooled — the one the tables show. The two can
+    differ: a small change that every seed repeats is clear pooled (t-interval over seeds) and unclear within each
+    run (bootstrap over its prompts)."""
     known = [v for c in configs for r in c.runs if (v := run_interference(r, split)) is not None]
-    return f"; interference in {sum(known)} of {len(known)} run{'s' if len(known) != 1 else ''}" if known else ""
+    text = f"; interference in {sum(known)} of {len(known)} run{'s' if len(known) != 1 else ''}" if known else ""
+    pooled = [c for c in configs if len(c.runs) > 1 and split in c.reports and c.reports[split].interference is not None]
+    if not pooled:
+        return text
+    interfering = [c.label for c in pooled if c.reports[split].interference]
+    if len(configs) == 1:
+        return f"{text}, {'yes' if interfering else 'no'} with its {len(pooled[0].runs)} seeds pooled (the table's verdict)"
+    return f"{text}; with each algorithm's seeds pooled (the table's verdict): {', '.join(interfering) or 'none'}"
 
 
 def describe_configs(configs: Sequence[ConfigResult], split: str) -> list[str]:

@@ -29,10 +29,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import random
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +38,7 @@ import torch
 import moalign.data.arithmetic as arithmetic
 from moalign.data.arithmetic import ArithmeticProblem, generate_problems, solution_steps
 from moalign.data.base import DEFAULT_PROMPT_SUFFIX
-from moalign.models.loading import cache_root
+from moalign.models.loading import cache_root, save_built_model
 
 SFT_MODEL_NAME = "smollm2-135m-sft"
 
@@ -83,24 +80,8 @@ def sft_model_path(recipe: SFTRecipe = SFTRecipe(), progress: bool = True) -> Pa
     """The cached fine-tuned model's folder (a Hugging Face model + tokenizer), built on first use."""
     folder = cache_root() / f"{SFT_MODEL_NAME}-{recipe_hash(recipe)}"
     if not (folder / "config.json").is_file():
-        _build_atomically(folder, recipe, progress)
+        save_built_model(folder, lambda: fine_tune(recipe, progress))
     return folder
-
-
-def _build_atomically(folder: Path, recipe: SFTRecipe, progress: bool) -> None:
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-building-"))
-    try:
-        model, tokenizer = fine_tune(recipe, progress)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        try:
-            os.rename(tmp, folder)
-        except OSError:  # another process finished the same build first: keep theirs
-            if not folder.is_dir():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def fine_tune(recipe: SFTRecipe, progress: bool = True):
