@@ -81,13 +81,6 @@ def test_a_failed_build_leaves_no_cache(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_an_unwritable_cache_is_a_user_error(tmp_path):
-    blocker = tmp_path / "a-file"
-    blocker.write_text("not a folder")
-    with pytest.raises(UserError, match="MOALIGN_CACHE"):
-        load_tiny(blocker / "cache", seed=0, progress=False)
-
-
 def test_chat_template(built):
     _, _, tokenizer, _ = built
     prompt = "Tom has 3 apples and buys 5 more. How many apples does he have now?"
