@@ -27,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -111,20 +112,15 @@ def main() -> None:
     phase_peaks: dict[str, list[float]] = {}
     original_call = trainer_module.PhaseTimer.__call__
 
+    @contextmanager
     def watched_phase(self, name):  # the trainer's phase timer, plus the phase's peak resident set
-        from contextlib import contextmanager
-
-        @contextmanager
-        def run():
-            watcher.reset()
-            with original_call(self, name):
-                yield
-            phase_peaks.setdefault(name, []).append(watcher.reset() / 1e9)
-        return run()
+        watcher.reset()
+        with original_call(self, name):
+            yield
+        phase_peaks.setdefault(name, []).append(watcher.reset() / 1e9)
 
     trainer_module.PhaseTimer.__call__ = watched_phase
     rollouts = []
-    original_generate = None
 
     with tempfile.TemporaryDirectory(prefix="moalign-bench-step-") as tmp:
         run_dir = Path(tmp) / "run"

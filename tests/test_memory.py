@@ -38,3 +38,13 @@ def test_trim_heap_returns_holes_between_live_blocks():
     result, freed, trimmed = released_mib("trim")
     assert freed < 30  # the problem: glibc keeps the holes resident
     assert result == "True" and trimmed > 90  # the 100 MB of holes are back with the system
+
+
+def test_small_processes_are_not_trimmed(monkeypatch):
+    import moalign.engine.memory as memory
+
+    calls = []
+    monkeypatch.setattr(memory, "trim_heap", lambda: calls.append(1) or True)
+    assert memory.resident_bytes() > 0
+    assert memory.trim_heap_if_large(threshold=1 << 50) is False and calls == []
+    assert memory.trim_heap_if_large(threshold=0) is True and calls == [1]

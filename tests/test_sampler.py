@@ -310,7 +310,7 @@ def test_shared_prompt_forward_runs_each_prompt_once(llama, tokenizer):
     seen = []
     hook = llama.model.embed_tokens.register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape)))
     try:
-        response_logprobs(llama, rollout, micro_batch_size=6)
+        response_logprobs(llama, rollout, micro_batch_size=6, share_prompts=True)
     finally:
         hook.remove()
     width, tr = rollout.prompt_ids.shape[1], rollout.response_ids.shape[1]
@@ -324,3 +324,15 @@ def test_sliding_window_cache_falls_back_to_the_plain_forward(tokenizer):
     rollout = fast_generate(model, tokenizer, prompts, groups, groups, 8)
     shared = response_logprobs(model, rollout, 6, share_prompts=True)
     assert torch.allclose(shared, response_logprobs(model, rollout, 6, share_prompts=False), atol=1e-5)
+
+
+def test_prompts_are_shared_only_where_it_saves_work(llama, tokenizer):
+    prompts, groups = groups_of(random_prompts(2, seed=3), 3)
+    rollout = fast_generate(llama, tokenizer, prompts, groups, groups, 6)
+    calls = []
+    hook = llama.model.embed_tokens.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    try:
+        response_logprobs(llama, rollout, micro_batch_size=6)  # a 20 k-parameter model: a second call costs more
+    finally:
+        hook.remove()
+    assert calls == [6]  # one plain forward over the 6 rows

@@ -7,7 +7,9 @@ in the heap, which only shrinks from its top: the freed space between live block
 (SmolLM2-135M) that was ≈ 1.7 GB of the 4.6 GB resident between phases, and a 6.3 GB peak.
 
 ``trim_heap`` (glibc's ``malloc_trim(0)``, which also releases whole free pages in the middle of the heap) after
-every phase brings the resident set between phases back to ≈ 2.6 GB. The alternative, a fixed 1 MB mmap threshold,
+every phase brings the resident set between phases back to ≈ 2.6 GB. Released pages are faulted back in by the
+next phase; for a small process that is time spent on memory nobody misses, so the trainer trims only while the
+process holds more than ``TRIM_ABOVE_BYTES``. The alternative, a fixed 1 MB mmap threshold,
 saved a little more memory but made every large allocation fault in fresh pages: 2.5× the system time and ≈ 15 %
 slower updates (``python bench/step.py``, docs/performance.md). Elsewhere than glibc this does nothing.
 """
@@ -17,8 +19,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import os
 import sys
 from typing import Callable
+
+TRIM_ABOVE_BYTES = 1 << 30
 
 
 @functools.cache
@@ -37,3 +42,18 @@ def trim_heap() -> bool:
     """Return the heap's free pages to the system; ``True`` if any were returned."""
     trim = _malloc_trim()
     return trim is not None and bool(trim(0))
+
+
+def resident_bytes() -> int | None:
+    """The process's resident set size now (Linux), ``None`` where /proc is not available."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def trim_heap_if_large(threshold: int = TRIM_ABOVE_BYTES) -> bool:
+    """``trim_heap`` when the process holds more than ``threshold`` bytes; ``True`` if pages were returned."""
+    resident = resident_bytes()
+    return resident is not None and resident > threshold and trim_heap()

@@ -113,7 +113,7 @@ def assemble_rollout(tokenizer, prompt_ids, prompt_mask, response_chunks: list[t
 
 
 def response_logprobs(model, rollout: Rollout, micro_batch_size: int, temperature: float = 1.0,
-                      grad: bool = False, share_prompts: bool = True) -> torch.Tensor:
+                      grad: bool = False, share_prompts: bool | None = None) -> torch.Tensor:
     """log π(response token | prefix) for every response position, [B, Tr] (0 where masked out).
 
     Only the response positions go through the LM head (``logits_to_keep``), one micro-batch at a time, so the
@@ -128,21 +128,29 @@ def response_logprobs(model, rollout: Rollout, micro_batch_size: int, temperatur
     return torch.cat(outs)
 
 
+# Sharing a prompt costs a second call of the model; below this many saved FLOPs, that call's per-operation
+# overhead (≈ 10 ms for a 30-layer model on a CPU) outweighs the prompt work it saves (the tiny model never shares).
+MIN_SHARED_PROMPT_FLOPS = 1e9
+
+
 def micro_batch_logprobs(model, prompt_ids, prompt_mask, response_ids, response_mask, temperature=1.0, grad=False,
-                         share_prompts=True):
+                         share_prompts=None):
     """log-probs [b, Tr] of the responses of one micro-batch (0 where masked out), with autograd when ``grad``.
 
-    With ``share_prompts``, rows with the same prompt (the samples of a group) run it once: the prompt's keys and
-    values are computed once and gathered for every row that continues it, so the prompt's forward — and backward,
-    the gather's gradient summing the rows' contributions — costs one row instead of n. Same numbers as the plain
-    forward up to float rounding; models whose cache is not plain full attention take the plain forward."""
+    Sharing prompts, rows with the same prompt (the samples of a group) run it once: the prompt's keys and values
+    are computed once and gathered for every row that continues it, so the prompt's forward — and backward, the
+    gather's gradient summing the rows' contributions — costs one row instead of n. Same numbers as the plain
+    forward up to float rounding; models whose cache is not plain full attention take the plain forward.
+    ``share_prompts``: ``None`` shares when it saves at least ``MIN_SHARED_PROMPT_FLOPS``, ``True`` always,
+    ``False`` never."""
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
     targets, mask = response_ids.to(device), response_mask.to(device)
     with torch.set_grad_enabled(grad):
         logits = None
-        if share_prompts:
-            logits = _logits_sharing_prompts(model, prompt_ids, prompt_mask, targets, mask)
+        if share_prompts is not False:
+            logits = _logits_sharing_prompts(model, prompt_ids, prompt_mask, targets, mask,
+                                             min_saved_flops=0.0 if share_prompts else MIN_SHARED_PROMPT_FLOPS)
         if logits is None:
             logits = _logits(model, prompt_ids, prompt_mask, targets, mask)
         lp = torch.cat([_token_logprobs(part, temperature, part_targets)
@@ -170,17 +178,19 @@ def _logits(model, prompt_ids, prompt_mask, response_ids, response_mask) -> list
     return [out.logits[:, :-1]]
 
 
-def _logits_sharing_prompts(model, prompt_ids, prompt_mask, response_ids, response_mask) -> list[torch.Tensor] | None:
+def _logits_sharing_prompts(model, prompt_ids, prompt_mask, response_ids, response_mask, min_saved_flops: float
+                            ) -> list[torch.Tensor] | None:
     """The logits of ``_logits`` as [b, 1, V] (from the prompt's last position) and [b, Tr − 1, V] (from the
-    response), running each distinct prompt once; ``None`` when no two rows share a prompt or the model's cache
-    cannot be gathered row-wise."""
+    response), running each distinct prompt once; ``None`` when sharing would save fewer than ``min_saved_flops``
+    (2 per parameter per prompt position not run) or the model's cache cannot be gathered row-wise."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
     distinct, row_of = torch.unique(torch.cat([prompt_ids, prompt_mask], 1), dim=0, return_inverse=True)
-    if len(distinct) == len(prompt_ids):
-        return None
     width = prompt_ids.shape[1]
+    saved_positions = (len(prompt_ids) - len(distinct)) * width
+    if saved_positions == 0 or 2 * sum(p.numel() for p in model.parameters()) * saved_positions < min_saved_flops:
+        return None
     ids, pmask = distinct[:, :width], distinct[:, width:]
     out = model(input_ids=ids, attention_mask=pmask, position_ids=_positions(pmask), use_cache=True,
                 past_key_values=DynamicCache(config=model.config), logits_to_keep=1)

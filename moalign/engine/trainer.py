@@ -43,7 +43,7 @@ from moalign.engine.evaluation import (
     evaluate_split,
     score_batch,
 )
-from moalign.engine.memory import trim_heap
+from moalign.engine.memory import trim_heap_if_large
 from moalign.engine.metrics import MetricsWriter
 from moalign.engine.rollout import Rollout, micro_batch_logprobs, response_logprobs
 from moalign.engine.sampler import fast_generate
@@ -610,7 +610,7 @@ class PhaseTimer:
         try:
             yield
         finally:
-            trim_heap()  # what the phase freed goes back to the system, not into heap holes (engine/memory.py)
+            trim_heap_if_large()  # what the phase freed goes back to the system, not into heap holes (engine/memory.py)
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
     def metrics(self) -> dict[str, float]:

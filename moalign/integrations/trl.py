@@ -68,7 +68,7 @@ from moalign.cli import write_summary
 from moalign.config import TrainConfig
 from moalign.engine.checkpoint import atomic_torch_save, load_checkpoint
 from moalign.engine.evaluation import encode_prompts, eval_change_table, evaluate_split
-from moalign.engine.memory import trim_heap
+from moalign.engine.memory import trim_heap_if_large
 from moalign.engine.metrics import MetricsWriter, read_metrics
 from moalign.engine.rollout import generate
 from moalign.errors import UserError
@@ -646,7 +646,7 @@ class RunDirRecorder(TrainerCallback):
         step, every = state.global_step // self.k, self.cfg.eval.every
         if self.evaluate is not None and every and step % every == 0 and step < self.cfg.steps:
             self.pending.update(self._evaluate(step, ["val"]))
-        trim_heap()  # as the native engine does after each phase (engine/memory.py)
+        trim_heap_if_large()  # as the native engine does after each phase (engine/memory.py)
         now = time.perf_counter()
         self.pending["perf/step_s"] = now - self.step_started - self.eval_seconds
         self.step_started, self.eval_seconds = now, 0.0
