@@ -21,7 +21,6 @@ are not part of a step). One warm-up step runs first; the figures are medians ov
 from __future__ import annotations
 
 import argparse
-import resource
 import statistics
 import sys
 import tempfile
@@ -34,30 +33,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import matmul_peak_gflops, report, set_threads  # noqa: E402
 
+from moalign.engine.memory import resident_bytes  # noqa: E402
+
 NO_EVAL = ["eval.every=0", "eval.num_prompts=1", "eval.test_at_end=false", "checkpoint.every=0",
            "log.progress=false"]
 FORWARD_PASSES = {"ref_logprobs": 1, "old_logprobs": 1, "post_logprobs": 1, "update": 3}
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
 
 
 class RssWatcher:
     """The largest resident set size seen since the last ``reset()``, sampled by a background thread."""
 
     def __init__(self, interval: float = 0.005):
-        self.interval, self.peak = interval, rss_bytes()
+        self.interval, self.peak = interval, resident_bytes()
         threading.Thread(target=self._watch, daemon=True).start()
 
     def _watch(self) -> None:
         while True:
-            self.peak = max(self.peak, rss_bytes())
+            self.peak = max(self.peak, resident_bytes())
             time.sleep(self.interval)
 
     def reset(self) -> int:
-        peak, self.peak = max(self.peak, rss_bytes()), rss_bytes()
+        now = resident_bytes()
+        peak, self.peak = max(self.peak, now), now
         return peak
 
 
@@ -156,7 +153,7 @@ def main() -> None:
             report(f"{name}_peak_fraction", gflops / peak)
     for name, peaks in phase_peaks.items():
         report(f"peak_rss_gb_{name}", max(peaks))
-    report("peak_rss_gb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9)
+    report("peak_rss_gb", trainer_module.peak_rss_gb())
 
 
 if __name__ == "__main__":

@@ -69,3 +69,9 @@ class PLEstimator:
         gap = float(J_star) - float(J)
         self._min_ratio = min(self._min_ratio, pl_ratio(grad_sq_norm, gap, self.tiny))
         return {"pl/mu_hat": self.mu_hat, "pl/grad_sq_norm": float(grad_sq_norm), "pl/gap": gap}
+
+    def state_dict(self) -> dict[str, float]:
+        return {"min_ratio": self._min_ratio}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self._min_ratio = state["min_ratio"]

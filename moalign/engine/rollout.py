@@ -165,7 +165,8 @@ def _token_logprobs(logits: torch.Tensor, temperature: float, targets: torch.Ten
     return logits.gather(-1, targets[..., None]).squeeze(-1) - torch.logsumexp(logits, -1)
 
 
-def _positions(mask: torch.Tensor) -> torch.Tensor:
+def position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """Position of each token of a left-padded batch, as ``generate`` numbers them: ``cumsum(mask) − 1``."""
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
@@ -173,8 +174,8 @@ def _logits(model, prompt_ids, prompt_mask, response_ids, response_mask) -> list
     """The logits predicting each response token, [b, Tr, V], from one forward over ``[prompt | response]``."""
     tr = response_ids.shape[1]
     attn = torch.cat([prompt_mask, response_mask.long()], 1)
-    out = model(input_ids=torch.cat([prompt_ids, response_ids], 1), attention_mask=attn, position_ids=_positions(attn),
-                logits_to_keep=tr + 1, use_cache=False)
+    out = model(input_ids=torch.cat([prompt_ids, response_ids], 1), attention_mask=attn,
+                position_ids=position_ids(attn), logits_to_keep=tr + 1, use_cache=False)
     return [out.logits[:, :-1]]
 
 
@@ -192,7 +193,7 @@ def _logits_sharing_prompts(model, prompt_ids, prompt_mask, response_ids, respon
     if saved_positions == 0 or 2 * sum(p.numel() for p in model.parameters()) * saved_positions < min_saved_flops:
         return None
     ids, pmask = distinct[:, :width], distinct[:, width:]
-    out = model(input_ids=ids, attention_mask=pmask, position_ids=_positions(pmask), use_cache=True,
+    out = model(input_ids=ids, attention_mask=pmask, position_ids=position_ids(pmask), use_cache=True,
                 past_key_values=DynamicCache(config=model.config), logits_to_keep=1)
     cache = out.past_key_values
     if cache is None or not all(type(layer) is DynamicLayer for layer in cache.layers):
@@ -203,6 +204,6 @@ def _logits_sharing_prompts(model, prompt_ids, prompt_mask, response_ids, respon
     for layer in cache.layers:  # row r continues distinct prompt row_of[r]; the gather's backward sums over a group
         layer.keys, layer.values = layer.keys[row_of], layer.values[row_of]
     attn = torch.cat([prompt_mask, response_mask.long()], 1)[:, :-1]
-    rest = model(input_ids=response_ids[:, :-1], attention_mask=attn, position_ids=_positions(attn)[:, width:],
+    rest = model(input_ids=response_ids[:, :-1], attention_mask=attn, position_ids=position_ids(attn)[:, width:],
                  past_key_values=cache, use_cache=True)
     return [first, rest.logits]

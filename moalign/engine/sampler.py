@@ -34,7 +34,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
-from moalign.engine.rollout import Rollout, assemble_rollout, eos_token_ids, left_pad
+from moalign.engine.rollout import Rollout, assemble_rollout, eos_token_ids, left_pad, position_ids
 from moalign.errors import UserError
 
 # ---- key/value storage --------------------------------------------------------------------------------------
@@ -179,7 +179,7 @@ def prefill(model, prompts: list[list[int]], pad_id: int, capacity: int
     row_of = torch.tensor([distinct.setdefault(tuple(p), len(distinct)) for p in prompts], device=device)
     ids, mask = (t.to(device) for t in left_pad([list(p) for p in distinct], pad_id))
     extra = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
-    out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
                 past_key_values=DynamicCache(config=model.config), use_cache=True, **extra)
     cache = out.past_key_values
     if SlotCache.supports(cache):

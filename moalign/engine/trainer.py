@@ -296,9 +296,9 @@ class Trainer:
             for mini in torch.randperm(B, generator=gen).chunk(o.mini_batches):
                 # a group's rows side by side, so that micro-batches run each prompt once (micro_batch_logprobs)
                 mini = mini[torch.argsort(rollout.group_ids[mini], stable=True)]
-                part, mini_logprobs = self._mini_batch_gradients(rollout.select(mini), None if old_lp is None else old_lp[mini],
-                                                  None if ref_lp is None else ref_lp[mini], advantages[mini],
-                                                  None if per_obj is None else per_obj[mini], stats)
+                part, mini_logprobs = self._mini_batch_gradients(
+                    rollout.select(mini), _rows(old_lp, mini), _rows(ref_lp, mini), advantages[mini],
+                    _rows(per_obj, mini), stats)
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.params, o.grad_clip)
                 if torch.isfinite(grad_norm):
                     self.optimizer.step()
@@ -448,7 +448,8 @@ class Trainer:
     def evaluate(self, split: str) -> dict[str, Any]:
         e = self.cfg.eval
         return evaluate_split(self.model, self.tokenizer, self.generate, self.objectives, split, self.splits[split],
-                              self.prompt_tokens[split], e.num_prompts, e.max_new_tokens or self.cfg.rollout.max_new_tokens,
+                              self.prompt_tokens[split], e.num_prompts,
+                              e.max_new_tokens or self.cfg.rollout.max_new_tokens,
                               batch_size=max(self.cfg.optim.micro_batch_size, 16))
 
     # ------------------------------------------------------------------------------------------ state
@@ -460,7 +461,7 @@ class Trainer:
                 "objectives": {o.name: o.state_dict() for o in self.objectives},
                 "stream": self.stream.state_dict(), "rng": ckpt.rng_state(), "skipped_steps": self.skipped_steps,
                 "metrics_offset": self.metrics.offset(), "eval_history": self.eval_history,
-                "finished": self.finished, "pl": self.pl._min_ratio,
+                "finished": self.finished, "pl": self.pl.state_dict(),
                 "law": None if self.law is None else self.law.state_dict()}
 
     def save_checkpoint(self) -> Path:
@@ -485,7 +486,8 @@ class Trainer:
         self.skipped_steps = state["skipped_steps"]
         self.eval_history = state["eval_history"]
         self.finished = state.get("finished", False)
-        self.pl._min_ratio = state.get("pl", math.inf)
+        if state.get("pl") is not None:
+            self.pl.load_state_dict(state["pl"])
         if self.law is not None and state.get("law") is not None:
             self.law.load_state_dict(state["law"])
         self.metrics.truncate(state["metrics_offset"])
@@ -583,11 +585,14 @@ class Trainer:
     def summary(self, wall_s: float) -> dict[str, Any]:
         table = eval_change_table(self.eval_history, self.objective_names)
         return {"steps": self.step_idx, "wall_seconds": wall_s, "objectives": self.objective_names,
-                "weighting": self.cfg.weighting.name, "final_weights": {k: v for k, v in self.weighting.metrics().items()
-                                                                       if k.startswith("weight/")},
+                "weighting": self.cfg.weighting.name, "final_weights": self.weighting.named_weights(),
                 "eval": table, "skipped_steps": self.skipped_steps,
                 "law": None if self.law is None else self.law.summary(), "pl": {"mu_hat": self.pl.mu_hat,
                                                                                 "j_star": self.j_star}}
+
+
+def _rows(t: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor | None:
+    return None if t is None else t[index]
 
 
 def peak_rss_gb() -> float:

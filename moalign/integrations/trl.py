@@ -40,6 +40,7 @@ raise ``UserError``: see docs/scaling.md for which could fit (DDP, LoRA) and why
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import logging
@@ -727,7 +728,7 @@ def train_with_trl(cfg: TrainConfig, run_dir: Union[str, Path],
     summary = {"engine": "trl", "steps": trainer.state.global_step // plan.optimizer_steps_per_step,
                "wall_seconds": time.perf_counter() - wall_start, "objectives": trainer.objective_names,
                "weighting": cfg.weighting.name, "eval": eval_table,
-               "final_weights": {k: v for k, v in trainer.weighting.metrics().items() if k.startswith("weight/")},
+               "final_weights": trainer.weighting.named_weights(),
                "skipped_steps": 0, "trl_notes": plan.notes}
     if trainer.accelerator.is_main_process:
         write_summary(run_dir, summary)
@@ -810,9 +811,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     from moalign.config import load_yaml, parse_overrides
     from moalign.engine.trainer import load_objectives_and_weighting
 
-    words = list(sys.argv[1:] if argv is None else argv)
-    trl_fields = [words[i + 1] for i, word in enumerate(words[:-1]) if word == "--trl"]
-    words = [w for i, w in enumerate(words) if w != "--trl" and (i == 0 or words[i - 1] != "--trl")]
+    trl_option = argparse.ArgumentParser(add_help=False)
+    trl_option.add_argument("--trl", action="append", default=[], metavar="FIELD=VALUE")
+    trl_args, words = trl_option.parse_known_args(sys.argv[1:] if argv is None else argv)
+    trl_fields = trl_args.trl
     args, extra = build_parser().parse_known_args(["train", *words])
     args.overrides = list(args.overrides) + extra
     try:

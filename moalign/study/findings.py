@@ -366,12 +366,14 @@ def interference_count(configs: Sequence[ConfigResult], split: str) -> str:
     run (bootstrap over its prompts)."""
     known = [v for c in configs for r in c.runs if (v := run_interference(r, split)) is not None]
     text = f"; interference in {sum(known)} of {len(known)} run{'s' if len(known) != 1 else ''}" if known else ""
-    pooled = [c for c in configs if len(c.runs) > 1 and split in c.reports and c.reports[split].interference is not None]
+    pooled = [c for c in configs
+              if len(c.runs) > 1 and split in c.reports and c.reports[split].interference is not None]
     if not pooled:
         return text
     interfering = [c.label for c in pooled if c.reports[split].interference]
     if len(configs) == 1:
-        return f"{text}, {'yes' if interfering else 'no'} with its {len(pooled[0].runs)} seeds pooled (the table's verdict)"
+        verdict = "yes" if interfering else "no"
+        return f"{text}, {verdict} with its {len(pooled[0].runs)} seeds pooled (the table's verdict)"
     return f"{text}; with each algorithm's seeds pooled (the table's verdict): {', '.join(interfering) or 'none'}"
 
 

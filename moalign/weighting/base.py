@@ -116,8 +116,12 @@ class Weighting(ABC):
         """Adapt internal state after the policy step; return metrics to log. Default: nothing to adapt."""
         return {}
 
-    def metrics(self) -> dict[str, float]:
+    def named_weights(self) -> dict[str, float]:
+        """``weight/<objective>`` → current weight (a run summary's ``final_weights``)."""
         return {f"weight/{o}": float(w) for o, w in zip(self.objectives, self.weights)}
+
+    def metrics(self) -> dict[str, float]:
+        return self.named_weights()
 
     def state_dict(self) -> dict[str, Any]:
         return {}
