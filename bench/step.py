@@ -15,7 +15,9 @@ are not part of a step). One warm-up step runs first; the figures are medians ov
   model loading and trainer construction, and ``peak_rss_gb`` the process's high-water mark (``ru_maxrss``);
 * ``matmul_peak_gflops`` (best of 10 fp32 1024³ matmuls, measured in the same run), and for every pass over the
   batch ``<phase>_gflops`` and ``<phase>_peak_fraction``: the FLOPs the pass executes, counted from the model's
-  shape (``forward_flops``; the update is forward + backward = 3 forwards), over the phase's seconds.
+  shape (``forward_flops``; the update is forward + backward = 3 forwards), over the phase's seconds; with
+  ``model.train_last_k_layers`` the frozen trunk's pass (``trunk``) counts the bottom blocks and the others the
+  top blocks and the head.
 """
 
 from __future__ import annotations
@@ -58,14 +60,19 @@ class RssWatcher:
         return peak
 
 
-def forward_flops(model, rollout, micro_batch_size: int) -> float:
+def forward_flops(model, rollout, micro_batch_size: int, blocks: slice = slice(None), head: bool = True) -> float:
     """FLOPs the trainer's forward over the rollout executes (padding included, as the matmuls see it): per
     micro-batch, each distinct prompt once through the decoder (``micro_batch_logprobs`` shares a group's prompt),
-    every row's response through the decoder and the LM head, and attention's QKᵀ and AV over the padded widths."""
+    every row's response through the decoder and the LM head, and attention's QKᵀ and AV over the padded widths.
+    ``blocks``/``head``: only those transformer blocks, with or without the LM head (the frozen trunk's pass is
+    the bottom blocks without the head, the passes after it the top blocks with it)."""
     import torch
 
-    head = model.get_output_embeddings().weight
-    decoder = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m.weight is not head)
+    from moalign.models.loading import transformer_blocks
+
+    layers = list(transformer_blocks(model))[blocks]
+    decoder = sum(m.weight.numel() for layer in layers for m in layer.modules() if isinstance(m, torch.nn.Linear))
+    head_params = model.get_output_embeddings().weight.numel() if head else 0
     c = model.config
     tp, tr = rollout.prompt_ids.shape[1], rollout.response_ids.shape[1]
     total = 0.0
@@ -75,10 +82,9 @@ def forward_flops(model, rollout, micro_batch_size: int) -> float:
         d = len(torch.unique(rollout.prompt_ids[rows], dim=0))
         if d < b:  # each distinct prompt, then the responses on their cached prompts
             positions, attention = d * tp + b * (tr - 1), d * tp * tp + b * (tr - 1) * (tp + tr)
-        else:  # one forward over [prompt | response]
-            positions, attention = b * (tp + tr), b * (tp + tr) ** 2
-        total += (2 * decoder * positions + 2 * head.numel() * b * tr
-                  + 2 * 2 * c.num_hidden_layers * c.hidden_size * attention)
+        else:  # one forward over [prompt | response[:-1]]
+            positions, attention = b * (tp + tr - 1), b * (tp + tr - 1) ** 2
+        total += 2 * decoder * positions + 2 * head_params * b * tr + 2 * 2 * len(layers) * c.hidden_size * attention
     return total
 
 
@@ -145,10 +151,16 @@ def main() -> None:
     report("weighting_fraction", statistics.median(
         (r.get("time/advantages_s", 0.0) + r.get("time/weighting_s", 0.0)) / r["perf/step_s"] for r in records))
     report("sample_tokens_per_s", statistics.median(r["perf/sample_tokens_per_s"] for r in records))
-    flops = statistics.median(forward_flops(trainer.model, ro, cfg.optim.micro_batch_size) for ro in rollouts)
-    for name, passes in FORWARD_PASSES.items():
+    mb, trunk = cfg.optim.micro_batch_size, trainer.trunk
+    above = slice(trunk.split if trunk else 0, None)  # with a reused trunk, the passes run the top blocks only
+    flops = {name: statistics.median(forward_flops(trainer.model, ro, mb, above) for ro in rollouts)
+             for name in FORWARD_PASSES}
+    if trunk:
+        flops["trunk"] = statistics.median(forward_flops(trainer.model, ro, mb, slice(0, trunk.split), head=False)
+                                           for ro in rollouts)
+    for name, passes in {**FORWARD_PASSES, "trunk": 1}.items():
         if f"time/{name}_s" in records[0]:
-            gflops = passes * flops / statistics.median(r[f"time/{name}_s"] for r in records) / 1e9
+            gflops = passes * flops[name] / statistics.median(r[f"time/{name}_s"] for r in records) / 1e9
             report(f"{name}_gflops", gflops)
             report(f"{name}_peak_fraction", gflops / peak)
     for name, peaks in phase_peaks.items():

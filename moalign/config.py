@@ -41,6 +41,8 @@ class ModelConfig(Section):
     name: str = Field("smollm2-135m", description="'tiny', 'smollm2-135m' (embedded), a HF hub id or a local path")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     train_last_k_layers: Optional[int] = Field(None, ge=1, description="train only the last k transformer blocks")
+    reuse_frozen_trunk: bool = Field(True, description="with train_last_k_layers: run the frozen blocks once per "
+                                     "step and only the top k in the reference, update and post-update passes")
     lora: Optional[LoRAConfig] = None
     revision: Optional[str] = None
     system_prompt: Optional[str] = Field(None, description="system message before every prompt; None: the model's "

@@ -113,18 +113,21 @@ def assemble_rollout(tokenizer, prompt_ids, prompt_mask, response_chunks: list[t
 
 
 def response_logprobs(model, rollout: Rollout, micro_batch_size: int, temperature: float = 1.0,
-                      grad: bool = False, share_prompts: bool | None = None) -> torch.Tensor:
+                      grad: bool = False, share_prompts: bool | None = None,
+                      trunk_hidden: torch.Tensor | None = None) -> torch.Tensor:
     """log π(response token | prefix) for every response position, [B, Tr] (0 where masked out).
 
     Only the response positions go through the LM head (``logits_to_keep``), one micro-batch at a time, so the
     full-vocabulary logits of the whole batch never exist at once. Keep a group's rows next to each other (as the
-    trainer lays rollouts out) so that micro-batches share prompts (``micro_batch_logprobs``)."""
+    trainer lays rollouts out) so that micro-batches share prompts (``micro_batch_logprobs``). ``trunk_hidden``:
+    the frozen trunk's output for the rollout, when ``model`` runs only its top blocks (``engine.trunk``)."""
     outs = []
     for start in range(0, len(rollout), micro_batch_size):
         sl = slice(start, start + micro_batch_size)
         outs.append(micro_batch_logprobs(model, rollout.prompt_ids[sl], rollout.prompt_mask[sl],
                                          rollout.response_ids[sl], rollout.response_mask[sl], temperature, grad,
-                                         share_prompts=share_prompts))
+                                         share_prompts=share_prompts,
+                                         trunk_hidden=None if trunk_hidden is None else trunk_hidden[sl]))
     return torch.cat(outs)
 
 
@@ -134,7 +137,7 @@ MIN_SHARED_PROMPT_FLOPS = 1e9
 
 
 def micro_batch_logprobs(model, prompt_ids, prompt_mask, response_ids, response_mask, temperature=1.0, grad=False,
-                         share_prompts=None):
+                         share_prompts=None, trunk_hidden=None):
     """log-probs [b, Tr] of the responses of one micro-batch (0 where masked out), with autograd when ``grad``.
 
     Sharing prompts, rows with the same prompt (the samples of a group) run it once: the prompt's keys and values
@@ -142,20 +145,33 @@ def micro_batch_logprobs(model, prompt_ids, prompt_mask, response_ids, response_
     gather's gradient summing the rows' contributions — costs one row instead of n. Same numbers as the plain
     forward up to float rounding; models whose cache is not plain full attention take the plain forward.
     ``share_prompts``: ``None`` shares when it saves at least ``MIN_SHARED_PROMPT_FLOPS``, ``True`` always,
-    ``False`` never."""
-    device = next(model.parameters()).device
-    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
-    targets, mask = response_ids.to(device), response_mask.to(device)
+    ``False`` never. ``trunk_hidden`` [b, Tp + Tr − 1, d]: the model's input embeddings instead of the token ids'
+    (the frozen trunk's output, ``engine.trunk``)."""
+    targets = response_ids.to(next(model.parameters()).device)
     with torch.set_grad_enabled(grad):
-        logits = None
-        if share_prompts is not False:
-            logits = _logits_sharing_prompts(model, prompt_ids, prompt_mask, targets, mask,
-                                             min_saved_flops=0.0 if share_prompts else MIN_SHARED_PROMPT_FLOPS)
-        if logits is None:
-            logits = _logits(model, prompt_ids, prompt_mask, targets, mask)
+        logits = sequence_outputs(model, prompt_ids, prompt_mask, response_ids, response_mask, share_prompts,
+                                  trunk_hidden)
         lp = torch.cat([_token_logprobs(part, temperature, part_targets)
                         for part, part_targets in zip(logits, targets.split([p.shape[1] for p in logits], 1))], 1)
-    return lp * mask
+    return lp * response_mask.to(lp.device)
+
+
+def sequence_outputs(model, prompt_ids, prompt_mask, response_ids, response_mask, share_prompts=None,
+                     inputs_embeds=None, all_positions=False) -> list[torch.Tensor]:
+    """The model's outputs over ``[prompt | response[:-1]]``, as parts to concatenate along time: at the Tr
+    positions that predict the response tokens, or at all Tp + Tr − 1 positions with ``all_positions`` (a
+    headless model's hidden states). ``inputs_embeds`` [b, Tp + Tr − 1, d] replaces the token ids' embeddings."""
+    device = next(model.parameters()).device
+    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+    response_ids, response_mask = response_ids.to(device), response_mask.to(device)
+    outputs = None
+    if share_prompts is not False:
+        outputs = _outputs_sharing_prompts(model, prompt_ids, prompt_mask, response_ids, response_mask,
+                                           inputs_embeds, all_positions,
+                                           min_saved_flops=0.0 if share_prompts else MIN_SHARED_PROMPT_FLOPS)
+    if outputs is None:
+        outputs = _outputs(model, prompt_ids, prompt_mask, response_ids, response_mask, inputs_embeds, all_positions)
+    return outputs
 
 
 def _token_logprobs(logits: torch.Tensor, temperature: float, targets: torch.Tensor) -> torch.Tensor:
@@ -170,20 +186,25 @@ def position_ids(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def _logits(model, prompt_ids, prompt_mask, response_ids, response_mask) -> list[torch.Tensor]:
-    """The logits predicting each response token, [b, Tr, V], from one forward over ``[prompt | response]``."""
+def _inputs(ids: torch.Tensor, embeds: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    return {"input_ids": ids} if embeds is None else {"inputs_embeds": embeds}
+
+
+def _outputs(model, prompt_ids, prompt_mask, response_ids, response_mask, inputs_embeds, all_positions
+             ) -> list[torch.Tensor]:
+    """``sequence_outputs`` from one forward over ``[prompt | response[:-1]]``."""
     tr = response_ids.shape[1]
-    attn = torch.cat([prompt_mask, response_mask.long()], 1)
-    out = model(input_ids=torch.cat([prompt_ids, response_ids], 1), attention_mask=attn,
-                position_ids=position_ids(attn), logits_to_keep=tr + 1, use_cache=False)
-    return [out.logits[:, :-1]]
+    attn = torch.cat([prompt_mask, response_mask.long()], 1)[:, :-1]
+    out = model(**_inputs(torch.cat([prompt_ids, response_ids[:, :-1]], 1), inputs_embeds), attention_mask=attn,
+                position_ids=position_ids(attn), logits_to_keep=0 if all_positions else tr, use_cache=False)
+    return [out.logits]
 
 
-def _logits_sharing_prompts(model, prompt_ids, prompt_mask, response_ids, response_mask, min_saved_flops: float
-                            ) -> list[torch.Tensor] | None:
-    """The logits of ``_logits`` as [b, 1, V] (from the prompt's last position) and [b, Tr − 1, V] (from the
-    response), running each distinct prompt once; ``None`` when sharing would save fewer than ``min_saved_flops``
-    (2 per parameter per prompt position not run) or the model's cache cannot be gathered row-wise."""
+def _outputs_sharing_prompts(model, prompt_ids, prompt_mask, response_ids, response_mask, inputs_embeds,
+                             all_positions, min_saved_flops: float) -> list[torch.Tensor] | None:
+    """``sequence_outputs`` as the prompt's part [b, 1 or Tp, ·] and the response's [b, Tr − 1, ·], running each
+    distinct prompt once; ``None`` when sharing would save fewer than ``min_saved_flops`` (2 per parameter per
+    prompt position not run) or the model's cache cannot be gathered row-wise."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
@@ -192,18 +213,26 @@ def _logits_sharing_prompts(model, prompt_ids, prompt_mask, response_ids, respon
     saved_positions = (len(prompt_ids) - len(distinct)) * width
     if saved_positions == 0 or 2 * sum(p.numel() for p in model.parameters()) * saved_positions < min_saved_flops:
         return None
-    ids, pmask = distinct[:, :width], distinct[:, width:]
-    out = model(input_ids=ids, attention_mask=pmask, position_ids=position_ids(pmask), use_cache=True,
-                past_key_values=DynamicCache(config=model.config), logits_to_keep=1)
+    pmask = distinct[:, width:]
+    prompt_embeds = None
+    if inputs_embeds is not None:  # any row of each distinct prompt: their prompt positions are the same
+        some_row = torch.empty(len(distinct), dtype=torch.long, device=row_of.device)
+        some_row[row_of] = torch.arange(len(row_of), device=row_of.device)
+        prompt_embeds = inputs_embeds[some_row, :width]
+    out = model(**_inputs(distinct[:, :width], prompt_embeds), attention_mask=pmask, position_ids=position_ids(pmask),
+                use_cache=True, past_key_values=DynamicCache(config=model.config),
+                logits_to_keep=0 if all_positions else 1)
     cache = out.past_key_values
-    if cache is None or not all(type(layer) is DynamicLayer for layer in cache.layers):
+    if cache is None or not all(type(layer) is DynamicLayer for layer in cache.layers if layer.is_initialized):
         return None  # sliding-window, linear-attention...: the plain forward handles their masks
-    first = out.logits[:, -1:][row_of]
+    first = out.logits[row_of]
     if response_ids.shape[1] == 1:
         return [first]
     for layer in cache.layers:  # row r continues distinct prompt row_of[r]; the gather's backward sums over a group
-        layer.keys, layer.values = layer.keys[row_of], layer.values[row_of]
+        if layer.is_initialized:
+            layer.keys, layer.values = layer.keys[row_of], layer.values[row_of]
     attn = torch.cat([prompt_mask, response_mask.long()], 1)[:, :-1]
-    rest = model(input_ids=response_ids[:, :-1], attention_mask=attn, position_ids=position_ids(attn)[:, width:],
-                 past_key_values=cache, use_cache=True)
+    rest = model(**_inputs(response_ids[:, :-1], None if inputs_embeds is None else inputs_embeds[:, width:]),
+                 attention_mask=attn, position_ids=position_ids(attn)[:, width:], past_key_values=cache,
+                 use_cache=True)
     return [first, rest.logits]

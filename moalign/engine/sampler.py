@@ -19,7 +19,9 @@ The same computation as ``model.generate``, minus the work it wastes on a CPU:
    and copies the whole cache (``torch.cat``) in every layer at every step.
 3. **Finished rows leave the batch.** When a row emits EOS, the last live rows move into the freed slots (only those
    rows are copied), so late steps run on the few sequences still going instead of the whole padded batch.
-4. **Inverse-CDF sampling**: one uniform draw per row instead of ``torch.multinomial``'s one exponential draw per
+4. **Weights packed once per call** (``engine.packed``): MKL re-packs a weight on every ``F.linear``, a large share
+   of a matmul with a few dozen rows.
+5. **Inverse-CDF sampling**: one uniform draw per row instead of ``torch.multinomial``'s one exponential draw per
    vocabulary entry, which on a CPU costs about as much as the forward itself at a 49k vocabulary.
 
 Randomness comes from torch's global RNG, so ``torch.manual_seed`` makes a call reproducible.
@@ -34,6 +36,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
+from moalign.engine.packed import packed_linear_weights
 from moalign.engine.rollout import Rollout, assemble_rollout, eos_token_ids, left_pad, position_ids
 from moalign.errors import UserError
 
@@ -258,9 +261,10 @@ def fast_generate(model, tokenizer, prompt_token_ids: list[list[int]], example_i
         raise UserError("neither the model's generation_config nor the tokenizer defines an EOS token")
     pad_id = tokenizer.pad_token_id
     bs = batch_size or len(prompt_token_ids)
-    chunks = [sample_batch(model, prompt_token_ids[start:start + bs], max_new_tokens, eos, pad_id, temperature,
-                           top_p, greedy)
-              for start in range(0, len(prompt_token_ids), bs)]
+    with packed_linear_weights(model):
+        chunks = [sample_batch(model, prompt_token_ids[start:start + bs], max_new_tokens, eos, pad_id, temperature,
+                               top_p, greedy)
+                  for start in range(0, len(prompt_token_ids), bs)]
     prompt_ids, prompt_mask = left_pad(prompt_token_ids, pad_id)
     return assemble_rollout(tokenizer, prompt_ids, prompt_mask, [ids for ids, _ in chunks], eos, pad_id,
                             example_index, group_ids, [lp for _, lp in chunks])

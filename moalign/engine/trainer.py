@@ -22,7 +22,7 @@ import random
 import signal
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -47,6 +47,7 @@ from moalign.engine.memory import trim_heap_if_large
 from moalign.engine.metrics import MetricsWriter
 from moalign.engine.rollout import Rollout, micro_batch_logprobs, response_logprobs
 from moalign.engine.sampler import fast_generate
+from moalign.engine.trunk import FrozenTrunk
 from moalign.errors import UserError
 from moalign.models import load_model, prepare_trainable, system_prompt_for
 from moalign.objectives import Objective, ScoringBatch, load_objective
@@ -159,6 +160,9 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         if not self.params:
             raise UserError("no trainable parameters (check model.train_last_k_layers / model.lora)")
+        self.trunk = None  # the frozen blocks below the trained ones, run once per step (engine.trunk)
+        if cfg.model.train_last_k_layers is not None and cfg.model.lora is None and cfg.model.reuse_frozen_trunk:
+            self.trunk = FrozenTrunk.for_model(self.model, cfg.model.train_last_k_layers)
         o = cfg.optim
         self.optimizer = make_adamw(self.params, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas)
         self.stream = PromptStream(len(self.splits["train"]), cfg.seed)
@@ -212,16 +216,20 @@ class Trainer:
         if self.num_probe and self._probe_last is None:
             with timer("probe"):
                 self._probe_last = self._probe_means()
+        hidden = None  # the frozen trunk's output, shared by every pass below
+        if self.trunk is not None:
+            with timer("trunk"):
+                hidden = self.trunk.hidden_states(self.model, rollout, mb)
         old_lp = None  # exactly on-policy (1 epoch, 1 mini-batch): π_old is the update's own detached forward
         if not self._exactly_on_policy():
             old_lp = self._sampler_logprobs_as_old(rollout)
             if old_lp is None:
-                with timer("old_logprobs"):
-                    old_lp = response_logprobs(self.model, rollout, mb, r.temperature).cpu()
+                with timer("old_logprobs"), self._top_only(self.model):
+                    old_lp = response_logprobs(self.model, rollout, mb, r.temperature, trunk_hidden=hidden).cpu()
         ref_lp = None
         if cfg.loss.kl_coef > 0:
             with timer("ref_logprobs"):
-                ref_lp = self._reference_logprobs(rollout)
+                ref_lp = self._reference_logprobs(rollout, hidden)
         mask = rollout.response_mask
         w = self.weighting
         with timer("advantages"):
@@ -236,12 +244,13 @@ class Trainer:
         stats = StepStats(self.step_idx, scored.rewards, rollout.group_ids, scores, advantages.float(), mask, old_lp,
                           None, cfg.loss.clip_eps_low, cfg.loss.clip_eps_high)
         with timer("update"):
-            upd = self._update(rollout, old_lp, ref_lp, advantages.float(), per_obj, stats)
+            upd = self._update(rollout, hidden, old_lp, ref_lp, advantages.float(), per_obj, stats)
             ckpt.fault_point(f"update:{self.step_idx + 1}")
         if w.needs_post_update_logprobs or self.law is not None:
-            with timer("post_logprobs"):
+            with timer("post_logprobs"), self._top_only(self.model):
                 self.model.eval()
-                stats.new_logprobs = response_logprobs(self.model, rollout, mb, r.temperature).cpu()
+                stats.new_logprobs = response_logprobs(self.model, rollout, mb, r.temperature,
+                                                       trunk_hidden=hidden).cpu()
         with timer("weighting"):
             wmetrics = w.update(stats)
         self.step_idx += 1
@@ -259,10 +268,15 @@ class Trainer:
         record["perf/peak_rss_gb"] = peak_rss_gb()
         return record
 
-    def _reference_logprobs(self, rollout: Rollout) -> torch.Tensor:
+    def _top_only(self, model):
+        """Within the block, ``model`` runs only the blocks above the frozen trunk (when the trunk is reused)."""
+        return self.trunk.top_only(model) if self.trunk is not None else nullcontext()
+
+    def _reference_logprobs(self, rollout: Rollout, hidden: torch.Tensor | None) -> torch.Tensor:
         mb, t = self.cfg.optim.micro_batch_size, self.cfg.rollout.temperature
-        if self.reference is not None:
-            return response_logprobs(self.reference, rollout, mb, t).cpu()
+        if self.reference is not None:  # its trunk is the policy's frozen trunk: the same hidden states
+            with self._top_only(self.reference):
+                return response_logprobs(self.reference, rollout, mb, t, trunk_hidden=hidden).cpu()
         with self.model.disable_adapter():  # LoRA: the reference is the base model without adapters
             return response_logprobs(self.model, rollout, mb, t).cpu()
 
@@ -284,7 +298,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ policy update
 
-    def _update(self, rollout, old_lp, ref_lp, advantages, per_obj, stats) -> dict[str, Any]:
+    def _update(self, rollout, hidden, old_lp, ref_lp, advantages, per_obj, stats) -> dict[str, Any]:
         cfg = self.cfg
         o = cfg.optim
         self.model.train()
@@ -296,9 +310,10 @@ class Trainer:
             for mini in torch.randperm(B, generator=gen).chunk(o.mini_batches):
                 # a group's rows side by side, so that micro-batches run each prompt once (micro_batch_logprobs)
                 mini = mini[torch.argsort(rollout.group_ids[mini], stable=True)]
-                part, mini_logprobs = self._mini_batch_gradients(
-                    rollout.select(mini), _rows(old_lp, mini), _rows(ref_lp, mini), advantages[mini],
-                    _rows(per_obj, mini), stats)
+                with self._top_only(self.model):
+                    part, mini_logprobs = self._mini_batch_gradients(
+                        rollout.select(mini), _rows(hidden, mini), _rows(old_lp, mini), _rows(ref_lp, mini),
+                        advantages[mini], _rows(per_obj, mini), stats)
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.params, o.grad_clip)
                 if torch.isfinite(grad_norm):
                     self.optimizer.step()
@@ -331,7 +346,7 @@ class Trainer:
     def _exactly_on_policy(self) -> bool:
         return self.cfg.optim.ppo_epochs == 1 and self.cfg.optim.mini_batches == 1
 
-    def _mini_batch_gradients(self, mini: Rollout, old_lp, ref_lp, adv, per_obj, stats
+    def _mini_batch_gradients(self, mini: Rollout, hidden, old_lp, ref_lp, adv, per_obj, stats
                               ) -> tuple[dict[str, float], torch.Tensor]:
         """Accumulate the mini-batch's gradient into ``.grad`` (micro-batch by micro-batch); also return the
         forward's detached log-probs [mini, Tr] (π_old when the step is exactly on-policy)."""
@@ -348,7 +363,8 @@ class Trainer:
             sl = slice(start, start + mb)
             m = mini.response_mask[sl].to(self.device)
             lp = micro_batch_logprobs(self.model, mini.prompt_ids[sl], mini.prompt_mask[sl], mini.response_ids[sl],
-                                      mini.response_mask[sl], self.cfg.rollout.temperature, grad=True)
+                                      mini.response_mask[sl], self.cfg.rollout.temperature, grad=True,
+                                      trunk_hidden=_rows(hidden, sl))
             forward_logprobs.append(lp.detach().cpu())
             old = lp.detach() if old_lp is None else old_lp[sl].to(self.device)
             frac = float(m.sum()) / n_tok

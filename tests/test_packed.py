@@ -1,0 +1,79 @@
+"""engine.packed: linear layers multiplying by pre-packed MKL weights give F.linear's results, and only when safe."""
+
+import pytest
+import torch
+from torch import nn
+
+from moalign.engine.packed import packed_linear_weights, packing_available
+
+pytestmark = pytest.mark.skipif(not packing_available(), reason="this torch build has no MKL packed GEMM")
+torch.set_num_threads(1)
+
+
+def linear(in_features=48, out_features=80, bias=True) -> nn.Linear:
+    torch.manual_seed(0)
+    return nn.Linear(in_features, out_features, bias=bias)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16, 64])
+@pytest.mark.parametrize("bias", [True, False])
+def test_packed_product_equals_linear(rows, bias):
+    layer = linear(bias=bias)
+    x = torch.randn(2, rows, 48)  # 3-D, as a decoder passes hidden states
+    expected = nn.functional.linear(x, layer.weight, layer.bias)
+    with torch.no_grad(), packed_linear_weights(layer) as n_packed:
+        assert n_packed == 1 and "forward" in layer.__dict__
+        got = layer(x)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert "forward" not in layer.__dict__  # the class's forward is back
+
+
+def test_packed_forward_is_used_inside_and_removed_after(monkeypatch):
+    calls = []
+    original = torch.ops.mkl._mkl_linear
+
+    def counting(*args):
+        calls.append(args[0].shape)
+        return original(*args)
+
+    layer = linear()
+    with torch.no_grad(), packed_linear_weights(layer):
+        monkeypatch.setattr(torch.ops.mkl, "_mkl_linear", counting)
+        layer(torch.randn(5, 48))
+    layer(torch.randn(5, 48))
+    assert calls == [torch.Size([5, 48])]
+
+
+def test_gradients_and_modified_weights_take_the_plain_product():
+    layer = linear()
+    x = torch.randn(4, 48)
+    with packed_linear_weights(layer):
+        out = layer(x)  # grad enabled: the packed product has no backward
+        out.sum().backward()
+        assert layer.weight.grad is not None
+        with torch.no_grad():
+            layer.weight.mul_(2)  # stale packed copy: must not be used
+            torch.testing.assert_close(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
+
+
+def test_only_cpu_fp32_plain_linears_are_packed():
+    model = nn.Sequential(linear(), nn.ReLU(), linear(80, 8).to(torch.bfloat16), nn.Embedding(10, 4))
+    with torch.no_grad(), packed_linear_weights(model) as n_packed:
+        assert n_packed == 1
+        assert "forward" in model[0].__dict__ and "forward" not in model[2].__dict__
+
+
+def test_whole_model_logits_unchanged():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    ids = torch.randint(0, 64, (6, 9))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        with packed_linear_weights(model) as n_packed:
+            got = model(input_ids=ids).logits
+    assert n_packed == 2 * 7 + 1  # q, k, v, o, gate, up, down per layer and the LM head
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
