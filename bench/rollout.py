@@ -11,12 +11,15 @@ its time ratio is an exact like-for-like speedup.
 
     python bench/rollout.py                      # SmolLM2-135M and tiny, batches 4×4 and 8×8, 2 repeats
     python bench/rollout.py --models tiny --shapes 4x4 --repeats 1 --max-new-tokens 32   # quick look
+    python bench/rollout.py --models smollm2 --unpacked   # + fast_generate without packed weights, same rounds
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+from contextlib import nullcontext
+from unittest import mock
 
 import torch
 from _common import matmul_peak_gflops, report, set_threads, time_alternately
@@ -24,11 +27,18 @@ from _common import matmul_peak_gflops, report, set_threads, time_alternately
 from moalign.config import ModelConfig
 from moalign.data import DataConfig, load_data
 from moalign.engine.rollout import generate
+import moalign.engine.sampler as sampler_module
 from moalign.engine.sampler import fast_generate
 from moalign.models.loading import load_model
 
 MODEL_NAMES = {"smollm2": "smollm2-135m", "tiny": "tiny"}
 SAMPLERS = {"generate": generate, "fast": fast_generate}
+
+
+def fast_generate_unpacked(*args, **kwargs):
+    """``fast_generate`` with plain ``F.linear`` products (no packed weights), to measure what packing gives."""
+    with mock.patch.object(sampler_module, "packed_linear_weights", lambda model: nullcontext(0)):
+        return fast_generate(*args, **kwargs)
 
 
 def chat_prompts(tokenizer, n: int) -> list[list[int]]:
@@ -49,7 +59,7 @@ def flops_per_token(model) -> float:
 
 
 def compare_sampling(model, tokenizer, prompts: list[list[int]], samples: int, max_new_tokens: int, repeats: int,
-                     min_seconds: float, seed: int) -> dict[str, dict[str, float]]:
+                     min_seconds: float, seed: int, samplers: dict) -> dict[str, dict[str, float]]:
     """Generated tokens, seconds, responses and truncated responses per sampler, summed over the rounds; round r
     of both samplers starts from seed ``seed + r``."""
     batch = [p for p in prompts for _ in range(samples)]
@@ -61,7 +71,7 @@ def compare_sampling(model, tokenizer, prompts: list[list[int]], samples: int, m
             return sampler(model, tokenizer, batch, groups, groups, max_new_tokens, temperature=1.0, top_p=1.0)
         return run
 
-    runs = time_alternately({name: sampling_with(s) for name, s in SAMPLERS.items()}, repeats, min_seconds)
+    runs = time_alternately({name: sampling_with(s) for name, s in samplers.items()}, repeats, min_seconds)
     return {name: {"tokens": sum(float(r.response_mask.sum()) for r, _ in pairs),
                    "seconds": sum(seconds for _, seconds in pairs),
                    "responses": sum(len(r) for r, _ in pairs),
@@ -86,7 +96,7 @@ def compare_greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
 
 
 def bench_model(key: str, shapes: list[tuple[int, int]], max_new_tokens: int, repeats: int, min_seconds: float,
-                peak: float) -> None:
+                peak: float, unpacked: bool) -> None:
     model, tokenizer = load_model(ModelConfig(name=MODEL_NAMES[key]))
     model.eval()
     report(f"{key}_params_m", sum(p.numel() for p in model.parameters()) / 1e6)
@@ -99,16 +109,19 @@ def bench_model(key: str, shapes: list[tuple[int, int]], max_new_tokens: int, re
     report(f"greedy_rows_differing_{key}_b16", differing)
     report(f"greedy_speedup_{key}_b16", speedup)
 
+    samplers = {**SAMPLERS, "fast_unpacked": fast_generate_unpacked} if unpacked else SAMPLERS
     for n_prompts, samples in shapes:
         b = n_prompts * samples
         totals = compare_sampling(model, tokenizer, prompts[:n_prompts], samples, max_new_tokens, repeats,
-                                  min_seconds, seed=b)
+                                  min_seconds, seed=b, samplers=samplers)
         rate = {name: t["tokens"] / t["seconds"] for name, t in totals.items()}
         for name, t in totals.items():
             report(f"rollout_tokens_per_s_{name}_{key}_b{b}", rate[name])
             report(f"rollout_mean_length_{name}_{key}_b{b}", t["tokens"] / t["responses"])
             report(f"rollout_truncated_fraction_{name}_{key}_b{b}", t["truncated"] / t["responses"])
         report(f"rollout_speedup_{key}_b{b}", rate["fast"] / rate["generate"])
+        if unpacked:
+            report(f"rollout_packing_speedup_{key}_b{b}", rate["fast"] / rate["fast_unpacked"])
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
@@ -124,6 +137,8 @@ def main() -> None:
     parser.add_argument("--min-seconds", type=float, default=5.0,
                         help="keep repeating until each sampler ran this long (matters for the tiny model)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--unpacked", action="store_true",
+                        help="also time fast_generate without packed weights (engine.packed), in the same rounds")
     args = parser.parse_args()
 
     set_threads(args.threads)
@@ -133,7 +148,8 @@ def main() -> None:
         if key == "tiny" and importlib.util.find_spec("moalign.models.tiny") is None:
             report("tiny_skipped", "moalign.models.tiny does not exist yet")
             continue
-        bench_model(key, parse_shapes(args.shapes), args.max_new_tokens, args.repeats, args.min_seconds, peak)
+        bench_model(key, parse_shapes(args.shapes), args.max_new_tokens, args.repeats, args.min_seconds, peak,
+                    args.unpacked)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,9 @@ are not part of a step). One warm-up step runs first; the figures are medians ov
   model loading and trainer construction, and ``peak_rss_gb`` the process's high-water mark (``ru_maxrss``);
 * ``matmul_peak_gflops`` (best of 10 fp32 1024³ matmuls, measured in the same run), and for every pass over the
   batch ``<phase>_gflops`` and ``<phase>_peak_fraction``: the FLOPs the pass executes, counted from the model's
-  shape (``forward_flops``; the update is forward + backward = 3 forwards), over the phase's seconds; with
-  ``model.train_last_k_layers`` the frozen trunk's pass (``trunk``) counts the bottom blocks and the others the
-  top blocks and the head.
+  shape (``pass_flops``: a forward, plus for the update a backward through the trained blocks at 2× their
+  forward; with a reused frozen trunk the ``trunk`` pass counts the blocks below it, the others the blocks above),
+  over the phase's seconds.
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ from moalign.engine.memory import resident_bytes  # noqa: E402
 
 NO_EVAL = ["eval.every=0", "eval.num_prompts=1", "eval.test_at_end=false", "checkpoint.every=0",
            "log.progress=false"]
-FORWARD_PASSES = {"ref_logprobs": 1, "old_logprobs": 1, "post_logprobs": 1, "update": 3}
 
 
 class RssWatcher:
@@ -86,6 +85,21 @@ def forward_flops(model, rollout, micro_batch_size: int, blocks: slice = slice(N
             positions, attention = b * (tp + tr - 1), b * (tp + tr - 1) ** 2
         total += 2 * decoder * positions + 2 * head_params * b * tr + 2 * 2 * len(layers) * c.hidden_size * attention
     return total
+
+
+def pass_flops(trainer, rollout) -> tuple[float, float, float, float, float]:
+    """FLOPs of the reference, π_old, post-update, update and trunk passes over ``rollout``. A pass runs every
+    block, or the blocks above a reused frozen trunk; the update adds a backward through the trained blocks and the
+    head at ≈ 2× their forward; the trunk pass (0 without one) runs the blocks below."""
+    from moalign.models.loading import transformer_blocks
+
+    model, mb, trunk = trainer.model, trainer.cfg.optim.micro_batch_size, trainer.trunk
+    k = trainer.cfg.model.train_last_k_layers
+    one_pass = forward_flops(model, rollout, mb, slice(trunk.split if trunk else 0, None))
+    trained = slice(len(transformer_blocks(model)) - k if k else 0, None)
+    update = one_pass + 2 * forward_flops(model, rollout, mb, trained)
+    trunk_pass = forward_flops(model, rollout, mb, slice(0, trunk.split), head=False) if trunk else 0.0
+    return one_pass, one_pass, one_pass, update, trunk_pass
 
 
 def main() -> None:
@@ -151,16 +165,12 @@ def main() -> None:
     report("weighting_fraction", statistics.median(
         (r.get("time/advantages_s", 0.0) + r.get("time/weighting_s", 0.0)) / r["perf/step_s"] for r in records))
     report("sample_tokens_per_s", statistics.median(r["perf/sample_tokens_per_s"] for r in records))
-    mb, trunk = cfg.optim.micro_batch_size, trainer.trunk
-    above = slice(trunk.split if trunk else 0, None)  # with a reused trunk, the passes run the top blocks only
-    flops = {name: statistics.median(forward_flops(trainer.model, ro, mb, above) for ro in rollouts)
-             for name in FORWARD_PASSES}
-    if trunk:
-        flops["trunk"] = statistics.median(forward_flops(trainer.model, ro, mb, slice(0, trunk.split), head=False)
-                                           for ro in rollouts)
-    for name, passes in {**FORWARD_PASSES, "trunk": 1}.items():
+    flops = {name: statistics.median(values) for name, values in zip(
+        ("ref_logprobs", "old_logprobs", "post_logprobs", "update", "trunk"),
+        zip(*(pass_flops(trainer, ro) for ro in rollouts)))}
+    for name, phase_flops in flops.items():
         if f"time/{name}_s" in records[0]:
-            gflops = passes * flops[name] / statistics.median(r[f"time/{name}_s"] for r in records) / 1e9
+            gflops = phase_flops / statistics.median(r[f"time/{name}_s"] for r in records) / 1e9
             report(f"{name}_gflops", gflops)
             report(f"{name}_peak_fraction", gflops / peak)
     for name, peaks in phase_peaks.items():

@@ -88,6 +88,17 @@ def test_reference_copy_runs_on_the_policy_trunk():
     assert not torch.allclose(whole, response_logprobs(policy, rollout, 6), atol=1e-3)  # the top blocks differ
 
 
+def test_trunk_states_only_go_with_the_top_blocks():
+    model = four_block_llama(trained_blocks=1)
+    trunk = FrozenTrunk.for_model(model, 1)
+    rollout = sampled(model)
+    hidden = trunk.hidden_states(model, rollout, 6)
+    with pytest.raises(ValueError, match="top blocks only"):
+        response_logprobs(model, rollout, 6, trunk_hidden=hidden)  # the whole model
+    with pytest.raises(ValueError, match="top blocks only"), trunk.top_only(model):
+        response_logprobs(model, rollout, 6)  # top blocks fed token embeddings
+
+
 def test_the_split_is_undone_even_after_an_error():
     model = four_block_llama(trained_blocks=1)
     trunk = FrozenTrunk.for_model(model, 1)

@@ -161,6 +161,9 @@ def sequence_outputs(model, prompt_ids, prompt_mask, response_ids, response_mask
     """The model's outputs over ``[prompt | response[:-1]]``, as parts to concatenate along time: at the Tr
     positions that predict the response tokens, or at all Tp + Tr − 1 positions with ``all_positions`` (a
     headless model's hidden states). ``inputs_embeds`` [b, Tp + Tr − 1, d] replaces the token ids' embeddings."""
+    if getattr(model, "_moalign_top_only", False) != (inputs_embeds is not None):
+        raise ValueError("the frozen trunk's hidden states go with a model running its top blocks only "
+                         "(FrozenTrunk.top_only), and only there")
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
     response_ids, response_mask = response_ids.to(device), response_mask.to(device)
