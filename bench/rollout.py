@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-from contextlib import nullcontext
-from unittest import mock
 
 import torch
 from _common import matmul_peak_gflops, report, set_threads, time_alternately
@@ -27,7 +25,6 @@ from _common import matmul_peak_gflops, report, set_threads, time_alternately
 from moalign.config import ModelConfig
 from moalign.data import DataConfig, load_data
 from moalign.engine.rollout import generate
-import moalign.engine.sampler as sampler_module
 from moalign.engine.sampler import fast_generate
 from moalign.models.loading import load_model
 
@@ -37,8 +34,7 @@ SAMPLERS = {"generate": generate, "fast": fast_generate}
 
 def fast_generate_unpacked(*args, **kwargs):
     """``fast_generate`` with plain ``F.linear`` products (no packed weights), to measure what packing gives."""
-    with mock.patch.object(sampler_module, "packed_linear_weights", lambda model: nullcontext(0)):
-        return fast_generate(*args, **kwargs)
+    return fast_generate(*args, **kwargs, pack_weights=False)
 
 
 def chat_prompts(tokenizer, n: int) -> list[list[int]]:

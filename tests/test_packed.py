@@ -77,3 +77,23 @@ def test_whole_model_logits_unchanged():
             got = model(input_ids=ids).logits
     assert n_packed == 2 * 7 + 1  # q, k, v, o, gate, up, down per layer and the LM head
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fast_generate_packs_unless_told_not_to(monkeypatch):
+    from test_sampler import LlamaConfig, LlamaForCausalLM, random_prompts, tiny_model, word_tokenizer
+
+    from moalign.engine.sampler import fast_generate
+
+    model, tokenizer = tiny_model(LlamaConfig, LlamaForCausalLM), word_tokenizer()
+    prompts = random_prompts(4, seed=2)
+    index = list(range(len(prompts)))
+    calls = []
+    original = torch.ops.mkl._mkl_linear
+    monkeypatch.setattr(torch.ops.mkl, "_mkl_linear", lambda *args: calls.append(1) or original(*args))
+    packed = fast_generate(model, tokenizer, prompts, index, index, 8, greedy=True)
+    assert calls
+    calls.clear()
+    plain = fast_generate(model, tokenizer, prompts, index, index, 8, greedy=True, pack_weights=False)
+    assert not calls
+    assert torch.equal(packed.response_ids, plain.response_ids)
+    torch.testing.assert_close(packed.sampler_logprobs, plain.sampler_logprobs, rtol=1e-4, atol=1e-5)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from contextlib import nullcontext
 
 import torch
 from transformers import DynamicCache
@@ -249,10 +250,11 @@ def _check_arguments(prompt_token_ids, example_index, group_ids, max_new_tokens,
 @torch.no_grad()
 def fast_generate(model, tokenizer, prompt_token_ids: list[list[int]], example_index: list[int],
                   group_ids: list[int], max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
-                  greedy: bool = False, batch_size: int | None = None) -> Rollout:
+                  greedy: bool = False, batch_size: int | None = None, pack_weights: bool = True) -> Rollout:
     """Sample one completion per entry of ``prompt_token_ids`` (repeat a prompt n times for a group), like
     ``rollout.generate``, with ``Rollout.sampler_logprobs`` filled. ``batch_size`` caps the sequences decoded
-    together (default: all)."""
+    together (default: all); ``pack_weights=False`` multiplies by the weights as they are, without the packed copy
+    (``engine.packed``: one more copy of the linear weights in memory during the call)."""
     _check_arguments(prompt_token_ids, example_index, group_ids, max_new_tokens, temperature, top_p, batch_size)
     if tokenizer.pad_token_id is None:
         raise UserError("the tokenizer has no pad token; set tokenizer.pad_token (load_model does)")
@@ -261,7 +263,7 @@ def fast_generate(model, tokenizer, prompt_token_ids: list[list[int]], example_i
         raise UserError("neither the model's generation_config nor the tokenizer defines an EOS token")
     pad_id = tokenizer.pad_token_id
     bs = batch_size or len(prompt_token_ids)
-    with packed_linear_weights(model):
+    with packed_linear_weights(model) if pack_weights else nullcontext():
         chunks = [sample_batch(model, prompt_token_ids[start:start + bs], max_new_tokens, eos, pad_id, temperature,
                                top_p, greedy)
                   for start in range(0, len(prompt_token_ids), bs)]

@@ -24,6 +24,7 @@ import sys
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -180,7 +181,8 @@ class Trainer:
         n_probe = d.probe_prompts if d.probe_prompts is not None else (8 if cfg.model.name == "tiny" else 0)
         self.num_probe = min(n_probe, len(self.splits["val"])) if d.law else 0
         self._probe_last: torch.Tensor | None = None  # probe means under the current policy (recomputable)
-        self.generate = fast_generate if cfg.rollout.sampler == "fast" else hf_rollout.generate
+        self.generate = (partial(fast_generate, pack_weights=cfg.rollout.pack_weights)
+                         if cfg.rollout.sampler == "fast" else hf_rollout.generate)
         if resume:
             self._resume()
 
