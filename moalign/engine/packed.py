@@ -29,10 +29,12 @@ def packing_available() -> bool:
 
 
 def _packable(module: nn.Module) -> bool:
-    weight = getattr(module, "weight", None)
-    return (type(module) is nn.Linear and isinstance(weight, torch.Tensor) and type(weight) in (torch.Tensor,
-            nn.Parameter) and weight.device.type == "cpu" and weight.dtype == torch.float32
-            and weight.dim() == 2 and weight.is_contiguous())
+    """A plain ``nn.Linear`` (not a subclass or a quantized/tensor-subclass weight) with a CPU fp32 weight."""
+    if type(module) is not nn.Linear:
+        return False
+    weight = module.weight
+    return (type(weight) in (torch.Tensor, nn.Parameter) and weight.device.type == "cpu"
+            and weight.dtype == torch.float32 and weight.is_contiguous())
 
 
 def _packed_forward(weight: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor, version: int,

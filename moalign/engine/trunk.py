@@ -25,7 +25,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from moalign.engine.rollout import Rollout, sequence_outputs
+from moalign.engine.rollout import Rollout, position_ids, sequence_outputs
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class FrozenTrunk:
         ids = torch.randint(0, model.config.vocab_size, (2, 7), generator=generator).to(device)
         mask = torch.ones_like(ids)
         mask[0, :2] = 0  # one left-padded row, as rollouts are
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        positions = position_ids(mask)
         was_training = model.training
         model.eval()
         try:
