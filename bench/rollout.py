@@ -12,6 +12,7 @@ its time ratio is an exact like-for-like speedup.
     python bench/rollout.py                      # SmolLM2-135M and tiny, batches 4×4 and 8×8, 2 repeats
     python bench/rollout.py --models tiny --shapes 4x4 --repeats 1 --max-new-tokens 32   # quick look
     python bench/rollout.py --models smollm2 --unpacked   # + fast_generate without packed weights, same rounds
+    python bench/rollout.py --models smollm2 --plain-decode   # + fast_generate with the model's forward per step
 """
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ from moalign.models.loading import load_model
 
 MODEL_NAMES = {"smollm2": "smollm2-135m", "tiny": "tiny"}
 SAMPLERS = {"generate": generate, "fast": fast_generate}
+
+
+def fast_generate_plain_decode(*args, **kwargs):
+    """``fast_generate`` with every decode step through the model's forward (no ``engine.decode.LeanDecoder``)."""
+    return fast_generate(*args, **kwargs, lean=False)
 
 
 def fast_generate_unpacked(*args, **kwargs):
@@ -92,7 +98,7 @@ def compare_greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
 
 
 def bench_model(key: str, shapes: list[tuple[int, int]], max_new_tokens: int, repeats: int, min_seconds: float,
-                peak: float, unpacked: bool) -> None:
+                peak: float, unpacked: bool, plain_decode: bool) -> None:
     model, tokenizer = load_model(ModelConfig(name=MODEL_NAMES[key]))
     model.eval()
     report(f"{key}_params_m", sum(p.numel() for p in model.parameters()) / 1e6)
@@ -105,7 +111,8 @@ def bench_model(key: str, shapes: list[tuple[int, int]], max_new_tokens: int, re
     report(f"greedy_rows_differing_{key}_b16", differing)
     report(f"greedy_speedup_{key}_b16", speedup)
 
-    samplers = {**SAMPLERS, "fast_unpacked": fast_generate_unpacked} if unpacked else SAMPLERS
+    samplers = {**SAMPLERS, **({"fast_unpacked": fast_generate_unpacked} if unpacked else {}),
+                **({"fast_plain_decode": fast_generate_plain_decode} if plain_decode else {})}
     for n_prompts, samples in shapes:
         b = n_prompts * samples
         totals = compare_sampling(model, tokenizer, prompts[:n_prompts], samples, max_new_tokens, repeats,
@@ -118,6 +125,8 @@ def bench_model(key: str, shapes: list[tuple[int, int]], max_new_tokens: int, re
         report(f"rollout_speedup_{key}_b{b}", rate["fast"] / rate["generate"])
         if unpacked:
             report(f"rollout_packing_speedup_{key}_b{b}", rate["fast"] / rate["fast_unpacked"])
+        if plain_decode:
+            report(f"rollout_lean_decode_speedup_{key}_b{b}", rate["fast"] / rate["fast_plain_decode"])
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
@@ -135,6 +144,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--unpacked", action="store_true",
                         help="also time fast_generate without packed weights (engine.packed), in the same rounds")
+    parser.add_argument("--plain-decode", action="store_true",
+                        help="also time fast_generate with the model's forward per decode step (no engine.decode)")
     args = parser.parse_args()
 
     set_threads(args.threads)
@@ -145,7 +156,7 @@ def main() -> None:
             report("tiny_skipped", "moalign.models.tiny does not exist yet")
             continue
         bench_model(key, parse_shapes(args.shapes), args.max_new_tokens, args.repeats, args.min_seconds, peak,
-                    args.unpacked)
+                    args.unpacked, args.plain_decode)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ The same computation as ``model.generate``, minus the work it wastes on a CPU:
    of a matmul with a few dozen rows.
 5. **Inverse-CDF sampling**: one uniform draw per row instead of ``torch.multinomial``'s one exponential draw per
    vocabulary entry, which on a CPU costs about as much as the forward itself at a 49k vocabulary.
+6. **Decode steps without the per-call machinery** (``engine.decode``, Llama and Qwen2): the model's own layer
+   code called directly, the same logits bit for bit.
 
 Randomness comes from torch's global RNG, so ``torch.manual_seed`` makes a call reproducible.
 """
@@ -37,6 +39,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
+from moalign.engine.decode import lean_decoder
 from moalign.engine.packed import packed_linear_weights
 from moalign.engine.rollout import Rollout, assemble_rollout, eos_token_ids, left_pad, position_ids
 from moalign.errors import UserError
@@ -195,12 +198,15 @@ def prefill(model, prompts: list[list[int]], pad_id: int, capacity: int
 
 @torch.inference_mode()
 def sample_batch(model, prompts: list[list[int]], max_new_tokens: int, eos: set[int], pad_id: int,
-                 temperature: float, top_p: float, greedy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                 temperature: float, top_p: float, greedy: bool, lean: bool = True
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Responses [n, T] (``pad_id`` after a row's EOS; T = the longest response) and their log-probs [n, T], as
-    inference-mode tensors (copy them before autograd sees them, as ``fast_generate`` does)."""
+    inference-mode tensors (copy them before autograd sees them, as ``fast_generate`` does). ``lean``: decode
+    steps through ``engine.decode.LeanDecoder`` where it applies (same logits, less per-call overhead)."""
     device = next(model.parameters()).device
     width = max(len(p) for p in prompts)
     logits, cache, prompt_mask = prefill(model, prompts, pad_id, capacity=width + max_new_tokens - 1)
+    decoder = lean_decoder(model) if lean and isinstance(cache, SlotCache) else None
     eos_ids = torch.tensor(sorted(eos), device=device)
     n = len(prompts)
     responses = torch.full((n, max_new_tokens), pad_id, dtype=torch.long, device=device)
@@ -223,9 +229,12 @@ def sample_batch(model, prompts: list[list[int]], max_new_tokens: int, eos: set[
             keep_rows(cache, order)
             sample_of_row, tokens, next_position = sample_of_row[order], tokens[order], next_position[order]
             attention_mask = attention_mask[order]
-        out = model(input_ids=tokens[:, None], attention_mask=attention_mask[:, :width + step + 1],
-                    position_ids=(next_position + step)[:, None], past_key_values=cache, use_cache=True)
-        logits = out.logits[:, -1].float()
+        if decoder is not None:
+            logits = decoder.step(tokens, attention_mask[:, :width + step + 1], next_position + step, cache).float()
+        else:
+            out = model(input_ids=tokens[:, None], attention_mask=attention_mask[:, :width + step + 1],
+                        position_ids=(next_position + step)[:, None], past_key_values=cache, use_cache=True)
+            logits = out.logits[:, -1].float()
     return responses[:, :steps].cpu(), logprobs[:, :steps].cpu()
 
 
@@ -250,11 +259,13 @@ def _check_arguments(prompt_token_ids, example_index, group_ids, max_new_tokens,
 @torch.no_grad()
 def fast_generate(model, tokenizer, prompt_token_ids: list[list[int]], example_index: list[int],
                   group_ids: list[int], max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
-                  greedy: bool = False, batch_size: int | None = None, pack_weights: bool = True) -> Rollout:
+                  greedy: bool = False, batch_size: int | None = None, pack_weights: bool = True,
+                  lean: bool = True) -> Rollout:
     """Sample one completion per entry of ``prompt_token_ids`` (repeat a prompt n times for a group), like
     ``rollout.generate``, with ``Rollout.sampler_logprobs`` filled. ``batch_size`` caps the sequences decoded
     together (default: all); ``pack_weights=False`` multiplies by the weights as they are, without the packed copy
-    (``engine.packed``: one more copy of the linear weights in memory during the call)."""
+    (``engine.packed``: one more copy of the linear weights in memory during the call); ``lean=False`` runs every
+    decode step through the model's forward instead of ``engine.decode.LeanDecoder`` (the same logits)."""
     _check_arguments(prompt_token_ids, example_index, group_ids, max_new_tokens, temperature, top_p, batch_size)
     if tokenizer.pad_token_id is None:
         raise UserError("the tokenizer has no pad token; set tokenizer.pad_token (load_model does)")
@@ -265,7 +276,7 @@ def fast_generate(model, tokenizer, prompt_token_ids: list[list[int]], example_i
     bs = batch_size or len(prompt_token_ids)
     with packed_linear_weights(model) if pack_weights else nullcontext():
         chunks = [sample_batch(model, prompt_token_ids[start:start + bs], max_new_tokens, eos, pad_id, temperature,
-                               top_p, greedy)
+                               top_p, greedy, lean)
                   for start in range(0, len(prompt_token_ids), bs)]
     prompt_ids, prompt_mask = left_pad(prompt_token_ids, pad_id)
     return assemble_rollout(tokenizer, prompt_ids, prompt_mask, [ids for ids, _ in chunks], eos, pad_id,

@@ -1,0 +1,108 @@
+"""The lean decode step: bit-identical logits to the model's forward, and declined where it does not apply."""
+
+import copy
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from moalign.engine.decode import lean_decoder
+from moalign.engine.packed import packed_linear_weights
+from moalign.engine.sampler import SlotCache, fast_generate, prefill
+
+torch.set_num_threads(1)
+VOCAB, PAD = 40, 0
+
+
+def tiny(config_class, model_class, **extra):
+    torch.manual_seed(0)
+    shape = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.2)
+    config = config_class(**{**shape, **extra}, pad_token_id=PAD, eos_token_id=1, bos_token_id=None)
+    return model_class(config).eval()
+
+
+def decode_both_ways(model, prompts, steps=12, pack=False):
+    """Logits of ``steps`` greedy decode steps, through the model's forward and through the lean decoder, each on
+    its own copy of the prefill cache."""
+    width = max(map(len, prompts))
+    with torch.inference_mode(), (packed_linear_weights(model) if pack else torch.inference_mode()):
+        logits, cache, prompt_mask = prefill(model, prompts, PAD, width + steps)
+        assert isinstance(cache, SlotCache)
+        decoder = lean_decoder(model)
+        assert decoder is not None
+        mask = torch.ones(len(prompts), width + steps, dtype=torch.long)
+        mask[:, :width] = prompt_mask
+        start = prompt_mask.sum(-1)
+        runs = []
+        for lean in (False, True):
+            c, tokens, out = copy.deepcopy(cache), logits.argmax(-1), []
+            for s in range(steps):
+                if lean:
+                    z = decoder.step(tokens, mask[:, :width + s + 1], start + s, c)
+                else:
+                    z = model(input_ids=tokens[:, None], attention_mask=mask[:, :width + s + 1],
+                              position_ids=(start + s)[:, None], past_key_values=c, use_cache=True).logits[:, -1]
+                out.append(z.clone())
+                tokens = z.argmax(-1)
+            runs.append(torch.stack(out))
+    return runs
+
+
+PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14], [15], [10, 11]]  # different lengths (padding), one repeated
+
+
+@pytest.mark.parametrize("make", [
+    lambda: tiny(LlamaConfig, LlamaForCausalLM),
+    lambda: tiny(LlamaConfig, LlamaForCausalLM, attention_bias=True, mlp_bias=True, tie_word_embeddings=True),
+    lambda: tiny(Qwen2Config, Qwen2ForCausalLM),
+], ids=["llama", "llama-biases-tied", "qwen2"])
+def test_logits_bit_identical_to_the_forward(make):
+    model = make()
+    plain, lean = decode_both_ways(model, PROMPTS)
+    assert torch.equal(plain, lean)
+    assert plain.abs().max() > 0 and len(set(plain[-1].argmax(-1).tolist())) > 1  # a real, varied computation
+
+
+def test_bit_identical_with_packed_weights():
+    model = tiny(LlamaConfig, LlamaForCausalLM, num_key_value_heads=4)  # also plain multi-head attention
+    plain, lean = decode_both_ways(model, PROMPTS, pack=True)
+    assert torch.equal(plain, lean)
+
+
+def test_eager_attention_bit_identical():
+    model = tiny(LlamaConfig, LlamaForCausalLM, attn_implementation="eager")
+    plain, lean = decode_both_ways(model, PROMPTS)
+    assert torch.equal(plain, lean)
+
+
+def test_fast_generate_same_samples_with_and_without_it():
+    model = tiny(LlamaConfig, LlamaForCausalLM)
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models
+    words = ["<pad>", "<eos>"] + [f"w{i}" for i in range(2, VOCAB)]
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)},
+                                                                               unk_token="<pad>")),
+                                  pad_token="<pad>", eos_token="<eos>")
+    prompts = [p for p in PROMPTS[:3] for _ in range(3)]
+    index = [i for i in range(3) for _ in range(3)]
+    runs = []
+    for lean in (True, False):
+        torch.manual_seed(7)
+        runs.append(fast_generate(model, tok, prompts, index, index, 16, lean=lean))
+    assert torch.equal(runs[0].response_ids, runs[1].response_ids)
+    assert torch.equal(runs[0].sampler_logprobs, runs[1].sampler_logprobs)
+    assert runs[0].response_mask.sum() > len(prompts)  # more than one token per row was sampled
+
+
+def test_declined_where_it_does_not_apply():
+    assert lean_decoder(tiny(MistralConfig, MistralForCausalLM, sliding_window=4)) is None  # another layer class
+    qwen_sliding = tiny(Qwen2Config, Qwen2ForCausalLM, use_sliding_window=True, sliding_window=4,
+                        max_window_layers=1)
+    assert lean_decoder(qwen_sliding) is None  # a sliding-window layer
+    hooked = tiny(LlamaConfig, LlamaForCausalLM)
+    handle = hooked.model.layers[1].mlp.register_forward_hook(lambda *args: None)
+    assert lean_decoder(hooked) is None  # a hook the direct calls would skip
+    handle.remove()
+    assert lean_decoder(hooked) is not None
+    assert lean_decoder(tiny(LlamaConfig, LlamaForCausalLM, attn_implementation="flex_attention")) is None
