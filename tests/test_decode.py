@@ -1,32 +1,27 @@
 """The lean decode step: bit-identical logits to the model's forward, and declined where it does not apply."""
 
 import copy
+from contextlib import nullcontext
 
 import pytest
 import torch
+from test_sampler import PAD, tiny_model, word_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from moalign.engine.decode import lean_decoder
 from moalign.engine.packed import packed_linear_weights
 from moalign.engine.sampler import SlotCache, fast_generate, prefill
 
-torch.set_num_threads(1)
-VOCAB, PAD = 40, 0
-
 
 def tiny(config_class, model_class, **extra):
-    torch.manual_seed(0)
-    shape = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.2)
-    config = config_class(**{**shape, **extra}, pad_token_id=PAD, eos_token_id=1, bos_token_id=None)
-    return model_class(config).eval()
+    return tiny_model(config_class, model_class, num_hidden_layers=3, **extra)
 
 
 def decode_both_ways(model, prompts, steps=12, pack=False):
     """Logits of ``steps`` greedy decode steps, through the model's forward and through the lean decoder, each on
     its own copy of the prefill cache."""
     width = max(map(len, prompts))
-    with torch.inference_mode(), (packed_linear_weights(model) if pack else torch.inference_mode()):
+    with torch.inference_mode(), packed_linear_weights(model) if pack else nullcontext():
         logits, cache, prompt_mask = prefill(model, prompts, PAD, width + steps)
         assert isinstance(cache, SlotCache)
         decoder = lean_decoder(model)
@@ -77,13 +72,7 @@ def test_eager_attention_bit_identical():
 
 
 def test_fast_generate_same_samples_with_and_without_it():
-    model = tiny(LlamaConfig, LlamaForCausalLM)
-    from transformers import PreTrainedTokenizerFast
-    from tokenizers import Tokenizer, models
-    words = ["<pad>", "<eos>"] + [f"w{i}" for i in range(2, VOCAB)]
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)},
-                                                                               unk_token="<pad>")),
-                                  pad_token="<pad>", eos_token="<eos>")
+    model, tok = tiny(LlamaConfig, LlamaForCausalLM), word_tokenizer()
     prompts = [p for p in PROMPTS[:3] for _ in range(3)]
     index = [i for i in range(3) for _ in range(3)]
     runs = []

@@ -41,12 +41,11 @@ def word_tokenizer() -> PreTrainedTokenizerFast:
 
 def tiny_model(config_class, model_class, **extra) -> torch.nn.Module:
     """Random weights large enough (init 0.2) for confident predictions; the EOS output row is scaled up so that
-    greedy decoding stops after some prompts and not after others."""
+    greedy decoding stops after some prompts and not after others. ``extra`` overrides or adds config fields."""
     torch.manual_seed(0)
-    config = config_class(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                          initializer_range=0.2, eos_token_id=EOS, pad_token_id=PAD, bos_token_id=None,
-                          tie_word_embeddings=False, **extra)
+    shape = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.2, tie_word_embeddings=False)
+    config = config_class(**{**shape, **extra}, eos_token_id=EOS, pad_token_id=PAD, bos_token_id=None)
     model = model_class(config).eval()
     with torch.no_grad():
         model.lm_head.weight[EOS] *= 2
