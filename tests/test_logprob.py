@@ -1,4 +1,4 @@
-"""The token log-prob function of the log-prob passes: values and gradients against autograd's own graph."""
+"""The log-prob passes: the token log-prob function against autograd's own graph, and repeatable gradients."""
 
 import torch
 
@@ -45,3 +45,35 @@ def test_repeated_backward_leaves_the_graph_intact():
     first = torch.autograd.grad(out.sum(), logits, retain_graph=True)[0]
     second = torch.autograd.grad(out.sum(), logits)[0]
     assert torch.equal(first, second)
+
+
+def test_shared_prompt_gradients_repeat_exactly():
+    """The shared-prompt forward gathers a group's prompt keys/values for its rows; with the gather's backward
+    done by atomic adds across threads (advanced indexing), two identical backward passes gave different gradients."""
+    from test_sampler import tiny_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from moalign.engine.rollout import micro_batch_logprobs
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model = tiny_model(LlamaConfig, LlamaForCausalLM, hidden_size=128, num_attention_heads=4,
+                           num_key_value_heads=4).train()
+        g = torch.Generator().manual_seed(0)
+        rows, prompt_len, response_len = 16, 64, 8
+        prompt_ids = torch.randint(2, 32, (1, prompt_len), generator=g).repeat(rows, 1)  # one group of 16
+        response_ids = torch.randint(2, 32, (rows, response_len), generator=g)
+        masks = torch.ones(rows, prompt_len, dtype=torch.long), torch.ones(rows, response_len)
+        grads = []
+        for _ in range(3):
+            lp = micro_batch_logprobs(model, prompt_ids, masks[0], response_ids, masks[1], grad=True,
+                                      share_prompts=True)
+            lp.sum().backward()
+            grads.append([p.grad.clone() for p in model.parameters()])
+            model.zero_grad(set_to_none=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert any(gr.abs().sum() > 0 for gr in grads[0])
+    for again in grads[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(grads[0], again))

@@ -254,12 +254,15 @@ def _outputs_sharing_prompts(model, prompt_ids, prompt_mask, response_ids, respo
     cache = out.past_key_values
     if cache is None or not all(type(layer) is DynamicLayer for layer in cache.layers if layer.is_initialized):
         return None  # sliding-window, linear-attention...: the plain forward handles their masks
-    first = out.logits[row_of]
+    # Row r continues distinct prompt row_of[r]; the gathers' backward sums over a group. index_select, not
+    # advanced indexing: its backward (index_add_) adds in a fixed order, where indexing's (index_put_ with
+    # accumulate) adds with atomics across threads, so repeated rows made the update's gradients differ run to run.
+    first = out.logits.index_select(0, row_of)
     if response_ids.shape[1] == 1:
         return [first]
-    for layer in cache.layers:  # row r continues distinct prompt row_of[r]; the gather's backward sums over a group
+    for layer in cache.layers:
         if layer.is_initialized:
-            layer.keys, layer.values = layer.keys[row_of], layer.values[row_of]
+            layer.keys, layer.values = layer.keys.index_select(0, row_of), layer.values.index_select(0, row_of)
     attn = torch.cat([prompt_mask, response_mask.long()], 1)[:, :-1]
     rest = model(**_inputs(response_ids[:, :-1], None if inputs_embeds is None else inputs_embeds[:, width:]),
                  attention_mask=attn, position_ids=position_ids(attn)[:, width:], past_key_values=cache,
