@@ -1,12 +1,15 @@
-"""Token log-probs with their backward: ``TokenLogProb`` vs autograd's graph of the same formula.
+"""Token log-probs with their backward: ``TokenLogProb`` vs autograd's graph of the same formula, and
+``TokenLogProb`` with its CPU row chunks vs one whole-block pass.
 
     python bench/logprob.py                   # SmolLM2-135M's LM head: 4 rows × 128 response positions, 49k vocabulary
     python bench/logprob.py --rows 4 --positions 128 --vocab 49152 --hidden 576 --rounds 10
 
 The part of the update pass it replaces: hidden states → LM head → log π(y) → a weighted sum → backward into the
-hidden states and the LM head's weight. Both variants run in one process, taking turns (the order reversed every
-other round). Prints ``name: value`` lines: the median seconds of each, their ratio, and the largest difference of
-their gradients relative to the largest gradient entry.
+hidden states and the LM head's weight; and the forward alone (LM head → log π(y)), as the reference and
+post-update passes run it. The variants run in one process, taking turns (the order reversed every other round):
+``autograd`` (gather − logsumexp), ``whole`` (``TokenLogProb`` over the whole block at once, as before the row
+chunks) and ``fused`` (``TokenLogProb`` as it is). Prints ``name: value`` lines: median seconds, ratios, and the
+largest difference of the gradients relative to the largest gradient entry.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import report, set_threads, time_alternately  # noqa: E402
 
+import moalign.engine.rollout as rollout  # noqa: E402
 from moalign.engine.rollout import TokenLogProb  # noqa: E402
 
 
@@ -45,21 +49,46 @@ def main() -> None:
     targets = torch.randint(0, args.vocab, (args.rows, args.positions))
     scale = torch.randn(args.rows, args.positions)
 
-    def run(fn):
+    def whole_block(logits, targets):
+        chunk = rollout.CPU_ROWS_PER_CHUNK
+        rollout.CPU_ROWS_PER_CHUNK = logits.numel()  # one chunk holding every row
+        try:
+            return TokenLogProb.apply(logits, targets)
+        finally:
+            rollout.CPU_ROWS_PER_CHUNK = chunk
+
+    variants = {"autograd": autograd_graph, "whole": whole_block, "fused": TokenLogProb.apply}
+
+    def with_backward(fn):
         def once(_round: int):
             h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
             (fn(h @ w.T, targets) * scale).sum().backward()
             return h.grad, w.grad
         return once
 
-    runs = time_alternately({"autograd": run(autograd_graph), "fused": run(TokenLogProb.apply)}, args.rounds)
+    def forward_only(fn):
+        def once(_round: int):
+            with torch.no_grad():
+                return fn(hidden @ weight.T, targets)
+        return once
+
+    runs = time_alternately({name: with_backward(fn) for name, fn in variants.items()}, args.rounds)
     seconds = {name: statistics.median(t for _, t in r) for name, r in runs.items()}
-    (h_ref, w_ref), (h_new, w_new) = runs["autograd"][0][0], runs["fused"][0][0]
-    report("logprob_backward_s_autograd", seconds["autograd"])
-    report("logprob_backward_s_fused", seconds["fused"])
+    h_ref, w_ref = runs["autograd"][0][0]
+    for name in variants:
+        report(f"logprob_backward_s_{name}", seconds[name])
     report("logprob_backward_speedup", seconds["autograd"] / seconds["fused"])
-    report("logprob_grad_max_rel_diff", float(max((h_new - h_ref).abs().max() / h_ref.abs().max(),
-                                                  (w_new - w_ref).abs().max() / w_ref.abs().max())))
+    report("logprob_backward_chunk_speedup", seconds["whole"] / seconds["fused"])
+    for name in ("whole", "fused"):
+        h_new, w_new = runs[name][0][0]
+        report(f"logprob_grad_max_rel_diff_{name}", float(max((h_new - h_ref).abs().max() / h_ref.abs().max(),
+                                                              (w_new - w_ref).abs().max() / w_ref.abs().max())))
+    runs = time_alternately({name: forward_only(fn) for name, fn in variants.items()}, args.rounds)
+    seconds = {name: statistics.median(t for _, t in r) for name, r in runs.items()}
+    for name in variants:
+        report(f"logprob_forward_s_{name}", seconds[name])
+    report("logprob_forward_chunk_speedup", seconds["whole"] / seconds["fused"])
+    report("logprob_forward_identical", bool(torch.equal(runs["whole"][0][0], runs["fused"][0][0])))
 
 
 if __name__ == "__main__":

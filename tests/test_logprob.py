@@ -77,3 +77,28 @@ def test_shared_prompt_gradients_repeat_exactly():
     assert any(gr.abs().sum() > 0 for gr in grads[0])
     for again in grads[1:]:
         assert all(torch.equal(a, b) for a, b in zip(grads[0], again))
+
+
+def test_row_chunks_give_the_same_bits(monkeypatch):
+    """On a CPU the rows go through in chunks (cache-sized temporaries); every row is computed alone, so any chunk
+    size gives the same values and gradients as one whole-block pass, including a last chunk that is short."""
+    import moalign.engine.rollout as rollout
+
+    torch.manual_seed(3)
+    logits = torch.randn(3, 13, 97) * 4  # 39 rows: chunks of 16, 16 and 7
+    targets = torch.randint(0, 97, (3, 13))
+    weights = torch.randn(3, 13)
+    results = []
+    for rows_per_chunk in (16, 1000):
+        monkeypatch.setattr(rollout, "CPU_ROWS_PER_CHUNK", rows_per_chunk)
+        z = logits.clone().requires_grad_()
+        out = TokenLogProb.apply(z, targets)
+        (out * weights).sum().backward()
+        results.append((out.detach(), z.grad))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
+    assert [s.indices(39) for s in rollout._row_chunks(39, torch.device("cpu"))] == [(0, 39, 1)]
+    monkeypatch.setattr(rollout, "CPU_ROWS_PER_CHUNK", 16)
+    assert [s.indices(39) for s in rollout._row_chunks(39, torch.device("cpu"))] == [(0, 16, 1), (16, 32, 1),
+                                                                                    (32, 39, 1)]
+    assert rollout._row_chunks(39, torch.device("meta")) == [slice(0, 39)]
