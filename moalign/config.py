@@ -97,6 +97,10 @@ class OptimConfig(Section):
     mini_batches: int = Field(1, ge=1, description="optimizer steps per rollout batch (per PPO epoch)")
     ppo_epochs: int = Field(1, ge=1)
     micro_batch_size: int = Field(4, ge=1, description="sequences per forward/backward (gradient accumulation)")
+    logprob_micro_batch_size: Optional[int] = Field(
+        8, ge=1, description="sequences per forward without gradients (π_old, reference and post-update log-probs, "
+                             "the frozen trunk): fewer, larger calls than the update's micro-batches, ≈ 10 % faster "
+                             "on a CPU (docs/performance.md); None: micro_batch_size")
 
 
 class EvalConfig(Section):

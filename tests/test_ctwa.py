@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from moalign.diagnostics.covariance import (
+    carries_signal,
     drop_outliers,
     group_covariance,
     training_signal,
@@ -56,6 +57,25 @@ def test_training_signal_clipping_hand():
     assert torch.allclose(total.w, torch.tensor([1.1, -0.9]), atol=1e-6)
     unc = training_signal(adv, torch.zeros(2, 2), ratio.log(), torch.ones(2, 2), 0.2, 0.2, "mean_unclipped")
     assert torch.allclose(unc.w, unc.w_unclipped)
+
+
+def test_completions_without_signal_are_left_out_of_the_unclipped_fraction():
+    """Â_b = 0 gives w_b = 0 whatever the ratios, so its tokens neither count as clipped nor unclipped, and its
+    post-update log-probs do not matter (the trainer skips their forward)."""
+    adv = torch.tensor([1.0, 0.0])
+    ratio = torch.tensor([[1.1, 1.3], [2.0, 2.0]])  # the second row would be clipped if it carried a signal
+    sig = training_signal(adv, torch.zeros(2, 2), ratio.log(), torch.ones(2, 2), 0.2, 0.2, "mean")
+    assert sig.unclipped_fraction.item() == pytest.approx(0.5)  # 1 of the first row's 2 tokens
+    assert sig.w[1].item() == 0.0
+    other = training_signal(adv, torch.zeros(2, 2), torch.tensor([[1.1, 1.3], [0.3, 0.1]]).log(), torch.ones(2, 2))
+    assert torch.equal(sig.w, other.w) and torch.equal(sig.unclipped_fraction, other.unclipped_fraction)
+    none = training_signal(torch.zeros(2), torch.zeros(2, 2), ratio.log(), torch.ones(2, 2))
+    assert none.unclipped_fraction.item() == 1.0  # nothing carries a signal: nothing is clipped
+    # token-level advantages: the token mean over the response mask decides
+    token_adv = torch.tensor([[0.5, -0.5, 3.0], [0.0, 0.0, 0.0], [1.0, 1.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    assert carries_signal(token_adv, mask).tolist() == [False, False, True]
+    assert carries_signal(torch.tensor([0.0, -0.1]), mask[:2]).tolist() == [False, True]
 
 
 def test_training_signal_respects_mask():

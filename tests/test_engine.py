@@ -144,3 +144,50 @@ def test_adamw_uses_the_fused_kernel_on_cpu():
     weight.grad = torch.tensor([1.0, -1.0, 0.0])
     optimizer.step()  # Adam's first step moves each weight by lr·sign(grad)
     assert torch.allclose(weight.detach(), torch.tensor([0.9, 1.1, 1.0]), atol=1e-6)
+
+
+def test_post_update_forward_runs_only_the_rows_that_carry_a_signal(tmp_path, monkeypatch):
+    """A completion with zero advantage has w = 0 whatever π_new: the post-update forward skips it (its old
+    log-probs stand in), and the training signal and CTWA's covariances are those of the full forward."""
+    import moalign.engine.trainer as trainer_module
+    from moalign.diagnostics.covariance import group_covariance, training_signal
+    from moalign.engine.rollout import response_logprobs
+    from moalign.weighting import StepStats
+
+    t = Trainer(tiny_config("weighting=ctwa"), tmp_path)
+    groups = [0] * 4 + [1] * 4
+    prompts = [t.prompt_tokens["train"][g] for g in groups]
+    torch.manual_seed(0)
+    rollout = t.generate(t.model, t.tokenizer, prompts, groups, groups, t.cfg.rollout.max_new_tokens)
+    mask = rollout.response_mask
+    full = response_logprobs(t.model, rollout, 8)
+    old = (full - 0.05) * mask  # a π_old away from π_new, so that ratios differ from 1
+    advantages = torch.tensor([0.7, -0.2, -0.5, 0.0, 0.0, 0.0, 0.0, 0.0])  # group 1 tied: no signal
+    rewards = torch.rand(8, 3)
+    stats = StepStats(0, rewards, rollout.group_ids, advantages.clone(), advantages, mask, old)
+    rows_run = []
+    real = trainer_module.response_logprobs
+    monkeypatch.setattr(trainer_module, "response_logprobs",
+                        lambda model, r, *a, **k: rows_run.append(len(r)) or real(model, r, *a, **k))
+    new = t._post_update_logprobs(rollout, None, stats, mb=8)
+    assert rows_run == [3]
+    assert torch.equal(new[3:], old[3:])
+    torch.testing.assert_close(new[:3], full[:3], rtol=0, atol=1e-5)
+    with_skip, without = (training_signal(advantages, old, lp, mask) for lp in (new, full))
+    torch.testing.assert_close(with_skip.w, without.w, rtol=1e-5, atol=1e-7)
+    assert with_skip.w[3:].abs().sum() == 0 and with_skip.unclipped_fraction == without.unclipped_fraction
+    cov = [group_covariance(rewards, s.w, rollout.group_ids).cov for s in (with_skip, without)]
+    torch.testing.assert_close(cov[0], cov[1], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("setting, expected", [([], 8), (["optim.logprob_micro_batch_size=null"], 2)])
+def test_passes_without_gradients_use_their_own_micro_batch(tmp_path, monkeypatch, setting, expected):
+    import moalign.engine.trainer as trainer_module
+
+    sizes = []
+    real = trainer_module.response_logprobs
+    monkeypatch.setattr(trainer_module, "response_logprobs",
+                        lambda model, r, mb, *a, **k: sizes.append(mb) or real(model, r, mb, *a, **k))
+    cfg = tiny_config("weighting=ctwa", "steps=1", "optim.micro_batch_size=2", "loss.kl_coef=0.01", *setting)
+    Trainer(cfg, tmp_path).step()
+    assert sizes and set(sizes) == {expected}  # the reference and post-update log-probs

@@ -8,7 +8,9 @@ really receives is
     I_bt = [ρ_bt ≤ 1+ε_high] if Â_b ≥ 0 else [ρ_bt ≥ 1−ε_low]       (zero outside the response mask)
 
 with Â_b the token-mean advantage of completion b and agg one of "mean" (token mean of Â ρ I), "mean_unclipped"
-(token mean of Â ρ, i.e. w without clipping) or "sum".
+(token mean of Â ρ, i.e. w without clipping) or "sum". A completion with Â_b = 0 has w_b = 0 whatever its ratios
+(``carries_signal``), so its post-update log-probs are never needed, and the unclipped fraction counts only the
+tokens of completions that carry a signal (clipping a token whose advantage is 0 changes nothing).
 """
 
 from __future__ import annotations
@@ -24,12 +26,26 @@ W_AGGREGATIONS = ("mean", "mean_unclipped", "sum")
 class TrainingSignal:
     w: torch.Tensor  # [B] the clipped training signal
     w_unclipped: torch.Tensor  # [B] the same without the clip indicator
-    unclipped_fraction: torch.Tensor  # scalar: fraction of response tokens with I = 1
+    unclipped_fraction: torch.Tensor  # scalar: fraction of the signal-carrying completions' tokens with I = 1
 
     @property
     def distortion(self) -> torch.Tensor:
         """E_b |w_clip − w_unclip|: how far clipping moves the signal away from the unclipped one."""
         return (self.w - self.w_unclipped).abs().mean()
+
+
+def sequence_advantages(advantages: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """Â_b [B] (float64): the token mean of a [B, T] advantage over the response mask, or a [B] advantage as is."""
+    if advantages.dim() == 1:
+        return advantages.double()
+    mask = response_mask.to(torch.float64)
+    return (advantages.double() * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+
+
+def carries_signal(advantages: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """[B] bool: Â_b ≠ 0. The other completions have w_b = 0 whatever the post-update policy (its log-probs on
+    them can be skipped: the trainer does)."""
+    return sequence_advantages(advantages, response_mask) != 0
 
 
 def training_signal(advantages: torch.Tensor, old_logprobs: torch.Tensor, new_logprobs: torch.Tensor,
@@ -40,10 +56,7 @@ def training_signal(advantages: torch.Tensor, old_logprobs: torch.Tensor, new_lo
         raise ValueError(f"unknown w aggregation {aggregation!r}; valid: {', '.join(W_AGGREGATIONS)}")
     mask = response_mask.to(torch.float64)
     n_tok = mask.sum(-1).clamp(min=1)
-    if advantages.dim() == 2:
-        adv_seq = (advantages.double() * mask).sum(-1) / n_tok
-    else:
-        adv_seq = advantages.double()
+    adv_seq = sequence_advantages(advantages, response_mask)
     ratio = torch.exp(torch.clamp(new_logprobs.double() - old_logprobs.double(), -20.0, 20.0))
     keep = torch.where(adv_seq[:, None] >= 0, ratio <= 1.0 + eps_high, ratio >= 1.0 - eps_low).double() * mask
     per_tok = adv_seq[:, None] * ratio * mask
@@ -53,7 +66,9 @@ def training_signal(advantages: torch.Tensor, old_logprobs: torch.Tensor, new_lo
         w, w_unclipped = (per_tok * keep).sum(-1) / n_tok, per_tok.sum(-1) / n_tok
         if aggregation == "mean_unclipped":
             w = w_unclipped
-    frac = keep.sum() / mask.sum().clamp(min=1)
+    signal_tokens = mask * (adv_seq != 0).double()[:, None]
+    n_signal = signal_tokens.sum()
+    frac = (keep * signal_tokens).sum() / n_signal if n_signal > 0 else torch.ones((), dtype=torch.float64)
     return TrainingSignal(w.float(), w_unclipped.float(), frac.float())
 
 

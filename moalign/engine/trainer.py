@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from moalign.config import TrainConfig
 from moalign.data import Example, load_data
+from moalign.diagnostics.covariance import carries_signal
 from moalign.diagnostics.law import LawMonitor
 from moalign.diagnostics.pl import PLEstimator
 from moalign.engine import checkpoint as ckpt
@@ -214,7 +215,7 @@ class Trainer:
             # the policy is still the initial one, and batch-relative objectives (conciseness's running mean
             # length) have their first statistic instead of the degenerate "everything is short" start.
             self._evaluate_start()
-        mb = cfg.optim.micro_batch_size
+        mb = cfg.optim.logprob_micro_batch_size or cfg.optim.micro_batch_size  # the passes without gradients
         if self.num_probe and self._probe_last is None:
             with timer("probe"):
                 self._probe_last = self._probe_means()
@@ -251,8 +252,7 @@ class Trainer:
         if w.needs_post_update_logprobs or self.law is not None:
             with timer("post_logprobs"), self._top_only(self.model):
                 self.model.eval()
-                stats.new_logprobs = response_logprobs(self.model, rollout, mb, r.temperature,
-                                                       trunk_hidden=hidden).cpu()
+                stats.new_logprobs = self._post_update_logprobs(rollout, hidden, stats, mb)
         with timer("weighting"):
             wmetrics = w.update(stats)
         self.step_idx += 1
@@ -270,12 +270,25 @@ class Trainer:
         record["perf/peak_rss_gb"] = peak_rss_gb()
         return record
 
+    def _post_update_logprobs(self, rollout: Rollout, hidden: torch.Tensor | None, stats: StepStats, mb: int
+                              ) -> torch.Tensor:
+        """log π_new [B, T] on the completions that carry a training signal; the others (Â_b = 0, e.g. a group
+        whose scores all tie) keep log π_old: their w_b is 0 whatever π_new (``covariance.carries_signal``), so
+        skipping their forward changes no statistic. In the default job that is 0–30 % of the rows of a step."""
+        rows = carries_signal(stats.advantages, rollout.response_mask).nonzero().squeeze(1)
+        new = stats.old_logprobs.clone()
+        if len(rows):
+            new[rows] = response_logprobs(self.model, rollout.select(rows), mb, self.cfg.rollout.temperature,
+                                          trunk_hidden=_rows(hidden, rows)).cpu()
+        return new
+
     def _top_only(self, model):
         """Within the block, ``model`` runs only the blocks above the frozen trunk (when the trunk is reused)."""
         return self.trunk.top_only(model) if self.trunk is not None else nullcontext()
 
     def _reference_logprobs(self, rollout: Rollout, hidden: torch.Tensor | None) -> torch.Tensor:
-        mb, t = self.cfg.optim.micro_batch_size, self.cfg.rollout.temperature
+        o = self.cfg.optim
+        mb, t = o.logprob_micro_batch_size or o.micro_batch_size, self.cfg.rollout.temperature
         if self.reference is not None:  # its trunk is the policy's frozen trunk: the same hidden states
             with self._top_only(self.reference):
                 return response_logprobs(self.reference, rollout, mb, t, trunk_hidden=hidden).cpu()

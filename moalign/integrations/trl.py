@@ -67,6 +67,7 @@ from trl.models.utils import disable_gradient_checkpointing
 
 from moalign.cli import write_summary
 from moalign.config import TrainConfig
+from moalign.diagnostics.covariance import carries_signal
 from moalign.engine.checkpoint import atomic_torch_save, load_checkpoint
 from moalign.engine.evaluation import encode_prompts, eval_change_table, evaluate_split
 from moalign.engine.memory import trim_heap_if_large
@@ -429,11 +430,19 @@ class MultiObjectiveGRPOTrainer(GRPOTrainer):
 
     @torch.no_grad()
     def _post_update_logprobs(self, cycle: RolloutCycle) -> torch.Tensor:
-        with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
-            logprobs, _, _ = self._get_per_token_logps_and_entropies(
-                self.model, cycle.input_ids, cycle.attention_mask, cycle.loss_mask.shape[1],
-                batch_size=self.args.per_device_train_batch_size)
-        return logprobs.float()
+        """log π_new on this process's rows that carry a training signal; the others keep log π_old (their w is 0
+        whatever π_new: ``covariance.carries_signal``), as in the native engine."""
+        local = slice(cycle.first_row, cycle.first_row + cycle.loss_mask.shape[0])
+        rows = carries_signal(cycle.advantages[local], cycle.loss_mask).nonzero().squeeze(1)
+        rows = rows.to(cycle.input_ids.device)
+        out = cycle.pre_update_logprobs().float().clone()
+        if len(rows):
+            with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+                logprobs, _, _ = self._get_per_token_logps_and_entropies(
+                    self.model, cycle.input_ids[rows], cycle.attention_mask[rows], cycle.loss_mask.shape[1],
+                    batch_size=self.args.per_device_train_batch_size)
+            out[rows] = logprobs.float().to(out.device)
+        return out
 
     @staticmethod
     def _gather_rows(local: torch.Tensor) -> torch.Tensor:
