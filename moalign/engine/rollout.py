@@ -208,8 +208,9 @@ class TokenLogProb(torch.autograd.Function):
     largest non-matmul cost.
 
     On a CPU both directions go through the rows a few at a time (``_row_chunks``): ``logsumexp`` over the whole
-    [512, 49k] block writes and re-reads a 100 MB temporary, ≈ 60 ms per micro-batch against ≈ 8 ms in chunks of
-    16 rows (bench/logprob.py). Every row is computed alone either way, so the values are the same bit for bit."""
+    [512, 49k] block writes and re-reads a 100 MB temporary. SmolLM2's LM head and log-probs over 4 × 128
+    positions took 0.237 s whole and 0.192 s in chunks of 16 rows, 0.678 and 0.575 s with the backward
+    (bench/logprob.py). Every row is computed alone either way, so the values are the same bit for bit."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
