@@ -16,8 +16,9 @@ are not part of a step). One warm-up step runs first; the figures are medians ov
 * ``matmul_peak_gflops`` (best of 10 fp32 1024³ matmuls, measured in the same run), and for every pass over the
   batch ``<phase>_gflops`` and ``<phase>_peak_fraction``: the FLOPs the pass executes, counted from the model's
   shape (``pass_flops``: a forward, plus for the update a backward through the trained blocks at 2× their
-  forward; with a reused frozen trunk the ``trunk`` pass counts the blocks below it, the others the blocks above),
-  over the phase's seconds.
+  forward; with a reused frozen trunk the ``trunk`` pass counts the blocks below it, the others the blocks above;
+  the log-prob passes count the rows and micro-batch size of each call they made — the post-update pass skips
+  completions without a training signal), over the phase's seconds.
 """
 
 from __future__ import annotations
@@ -87,10 +88,10 @@ def forward_flops(model, rollout, micro_batch_size: int, blocks: slice = slice(N
     return total
 
 
-def pass_flops(trainer, rollout) -> tuple[float, float, float, float, float]:
-    """FLOPs of the reference, π_old, post-update, update and trunk passes over ``rollout``. A pass runs every
-    block, or the blocks above a reused frozen trunk; the update adds a backward through the trained blocks and the
-    head at ≈ 2× their forward; the trunk pass (0 without one) runs the blocks below."""
+def pass_flops(trainer, rollout) -> tuple[float, float]:
+    """FLOPs of the update and trunk passes over ``rollout``. The update runs every block, or the blocks above a
+    reused frozen trunk, and adds a backward through the trained blocks and the head at ≈ 2× their forward; the
+    trunk pass (0 without one) runs the blocks below."""
     from moalign.models.loading import transformer_blocks
 
     model, mb, trunk = trainer.model, trainer.cfg.optim.micro_batch_size, trainer.trunk
@@ -99,7 +100,15 @@ def pass_flops(trainer, rollout) -> tuple[float, float, float, float, float]:
     trained = slice(len(transformer_blocks(model)) - k if k else 0, None)
     update = one_pass + 2 * forward_flops(model, rollout, mb, trained)
     trunk_pass = forward_flops(model, rollout, mb, slice(0, trunk.split), head=False) if trunk else 0.0
-    return one_pass, one_pass, one_pass, update, trunk_pass
+    return update, trunk_pass
+
+
+def logprob_pass_flops(trainer, calls: list[tuple[object, int]]) -> float:
+    """FLOPs of the ``response_logprobs`` calls a phase made, each on the rows it was given (the post-update pass
+    skips rows without a training signal) at its own micro-batch size."""
+    trunk = trainer.trunk
+    return sum(forward_flops(trainer.model, rollout, mb, slice(trunk.split if trunk else 0, None))
+               for rollout, mb in calls)
 
 
 def main() -> None:
@@ -128,15 +137,25 @@ def main() -> None:
 
     phase_peaks: dict[str, list[float]] = {}
     original_call = trainer_module.PhaseTimer.__call__
+    phase_now = [""]
+    logprob_calls: list[dict[str, list]] = []  # per step: phase → [(rows given, micro-batch size)]
 
     @contextmanager
     def watched_phase(self, name):  # the trainer's phase timer, plus the phase's peak resident set
         watcher.reset()
+        phase_now[0] = name
         with original_call(self, name):
             yield
         phase_peaks.setdefault(name, []).append(watcher.reset() / 1e9)
 
     trainer_module.PhaseTimer.__call__ = watched_phase
+    original_logprobs = trainer_module.response_logprobs
+
+    def recorded_logprobs(model, rollout, micro_batch_size, *args, **kwargs):
+        logprob_calls[-1].setdefault(phase_now[0], []).append((rollout, micro_batch_size))
+        return original_logprobs(model, rollout, micro_batch_size, *args, **kwargs)
+
+    trainer_module.response_logprobs = recorded_logprobs
     rollouts = []
 
     with tempfile.TemporaryDirectory(prefix="moalign-bench-step-") as tmp:
@@ -152,8 +171,9 @@ def main() -> None:
         trainer._evaluate_start = lambda: None
         records = []
         for _ in range(args.steps + 1):
+            logprob_calls.append({})
             records.append(trainer.step())
-        records, rollouts = records[1:], rollouts[1:]
+        records, rollouts, logprob_calls = records[1:], rollouts[1:], logprob_calls[1:]
 
     phases = [k.removeprefix("time/").removesuffix("_s") for k in records[0] if k.startswith("time/")]
     step_s = statistics.median(r["perf/step_s"] for r in records)
@@ -165,14 +185,17 @@ def main() -> None:
     report("weighting_fraction", statistics.median(
         (r.get("time/advantages_s", 0.0) + r.get("time/weighting_s", 0.0)) / r["perf/step_s"] for r in records))
     report("sample_tokens_per_s", statistics.median(r["perf/sample_tokens_per_s"] for r in records))
-    flops = {name: statistics.median(values) for name, values in zip(
-        ("ref_logprobs", "old_logprobs", "post_logprobs", "update", "trunk"),
-        zip(*(pass_flops(trainer, ro) for ro in rollouts)))}
-    for name, phase_flops in flops.items():
-        if f"time/{name}_s" in records[0]:
-            gflops = phase_flops / statistics.median(r[f"time/{name}_s"] for r in records) / 1e9
-            report(f"{name}_gflops", gflops)
-            report(f"{name}_peak_fraction", gflops / peak)
+    for name in ("ref_logprobs", "old_logprobs", "post_logprobs", "update", "trunk"):
+        if f"time/{name}_s" not in records[0]:
+            continue
+        if name in ("update", "trunk"):
+            per_step = [pass_flops(trainer, ro)[0 if name == "update" else 1] for ro in rollouts]
+        else:
+            per_step = [logprob_pass_flops(trainer, calls.get(name, [])) for calls in logprob_calls]
+        # rate of each step's pass, then the median (the post-update pass's rows vary from step to step)
+        gflops = statistics.median(f / r[f"time/{name}_s"] / 1e9 for f, r in zip(per_step, records))
+        report(f"{name}_gflops", gflops)
+        report(f"{name}_peak_fraction", gflops / peak)
     for name, peaks in phase_peaks.items():
         report(f"peak_rss_gb_{name}", max(peaks))
     report("peak_rss_gb", trainer_module.peak_rss_gb())
