@@ -4,6 +4,7 @@ short CPU runs on a random 2-layer Llama — one process, save/resume, and two p
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import json
 import math
@@ -24,6 +25,7 @@ from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from moalign.config import TrainConfig, build_config  # noqa: E402
 from moalign.data import DataConfig, load_data  # noqa: E402
+from moalign.diagnostics.covariance import carries_signal  # noqa: E402
 from moalign.errors import UserError  # noqa: E402
 from moalign.integrations.trl import (  # noqa: E402
     STATE_FILE,
@@ -272,8 +274,18 @@ def test_ctwa_step_sees_the_whole_batch_and_true_pre_and_post_update_logprobs(mo
     old = reference_logprobs(model_dir, initial, cycle)
     new = reference_logprobs(model_dir, snapshots.states[0], cycle)
     assert torch.allclose(stats.old_logprobs[mask], old[mask], atol=1e-4)
-    assert torch.allclose(stats.new_logprobs[mask], new[mask], atol=1e-4)
+    signal = carries_signal(stats.advantages, stats.response_mask)  # rows without a signal keep π_old
+    assert torch.allclose(stats.new_logprobs[signal][mask[signal]], new[signal][mask[signal]], atol=1e-4)
+    assert torch.equal(stats.new_logprobs[~signal], stats.old_logprobs[~signal])
     assert not torch.allclose(stats.new_logprobs[mask], stats.old_logprobs[mask], atol=1e-3)  # the policy moved
+    # the post-update forward on a cycle whose second group ties: only the first group's rows are run
+    tied = dataclasses.replace(cycle, advantages=torch.cat([cycle.advantages[:GROUP], torch.zeros(B - GROUP)]))
+    tied.first_logprobs, tied.last_logprobs = cycle.first_logprobs, cycle.last_logprobs
+    final = reference_logprobs(model_dir, snapshots.states[-1], cycle)
+    post = trainer._post_update_logprobs(tied)
+    rows = slice(0, GROUP)
+    assert torch.allclose(post[rows][mask[rows]], final[rows][mask[rows]], atol=1e-4)
+    assert torch.equal(post[GROUP:], tied.pre_update_logprobs()[GROUP:].float())
 
     weights = trainer.weighting.weights
     assert torch.isfinite(weights).all() and not torch.allclose(weights, torch.full((2,), 0.5))
