@@ -146,10 +146,21 @@ def test_adamw_uses_the_fused_kernel_on_cpu():
     assert torch.allclose(weight.detach(), torch.tensor([0.9, 1.1, 1.0]), atol=1e-6)
 
 
-def test_post_update_forward_runs_only_the_rows_that_carry_a_signal(tmp_path, monkeypatch):
+@pytest.fixture
+def logprob_calls(monkeypatch) -> list[tuple[int, int]]:
+    """(rows, micro-batch size) of every ``response_logprobs`` call the trainer makes, recorded as it makes them."""
+    import moalign.engine.trainer as trainer_module
+
+    calls = []
+    real = trainer_module.response_logprobs
+    monkeypatch.setattr(trainer_module, "response_logprobs",
+                        lambda model, r, mb, *a, **k: calls.append((len(r), mb)) or real(model, r, mb, *a, **k))
+    return calls
+
+
+def test_post_update_forward_runs_only_the_rows_that_carry_a_signal(tmp_path, logprob_calls):
     """A completion with zero advantage has w = 0 whatever π_new: the post-update forward skips it (its old
     log-probs stand in), and the training signal and CTWA's covariances are those of the full forward."""
-    import moalign.engine.trainer as trainer_module
     from moalign.diagnostics.covariance import group_covariance, training_signal
     from moalign.engine.rollout import response_logprobs
     from moalign.weighting import StepStats
@@ -165,12 +176,8 @@ def test_post_update_forward_runs_only_the_rows_that_carry_a_signal(tmp_path, mo
     advantages = torch.tensor([0.7, -0.2, -0.5, 0.0, 0.0, 0.0, 0.0, 0.0])  # group 1 tied: no signal
     rewards = torch.rand(8, 3)
     stats = StepStats(0, rewards, rollout.group_ids, advantages.clone(), advantages, mask, old)
-    rows_run = []
-    real = trainer_module.response_logprobs
-    monkeypatch.setattr(trainer_module, "response_logprobs",
-                        lambda model, r, *a, **k: rows_run.append(len(r)) or real(model, r, *a, **k))
     new = t._post_update_logprobs(rollout, None, stats, mb=8)
-    assert rows_run == [3]
+    assert [rows for rows, _ in logprob_calls] == [3]
     assert torch.equal(new[3:], old[3:])
     torch.testing.assert_close(new[:3], full[:3], rtol=0, atol=1e-5)
     with_skip, without = (training_signal(advantages, old, lp, mask) for lp in (new, full))
@@ -181,13 +188,8 @@ def test_post_update_forward_runs_only_the_rows_that_carry_a_signal(tmp_path, mo
 
 
 @pytest.mark.parametrize("setting, expected", [([], 8), (["optim.logprob_micro_batch_size=null"], 2)])
-def test_passes_without_gradients_use_their_own_micro_batch(tmp_path, monkeypatch, setting, expected):
-    import moalign.engine.trainer as trainer_module
-
-    sizes = []
-    real = trainer_module.response_logprobs
-    monkeypatch.setattr(trainer_module, "response_logprobs",
-                        lambda model, r, mb, *a, **k: sizes.append(mb) or real(model, r, mb, *a, **k))
+def test_passes_without_gradients_use_their_own_micro_batch(tmp_path, logprob_calls, setting, expected):
     cfg = tiny_config("weighting=ctwa", "steps=1", "optim.micro_batch_size=2", "loss.kl_coef=0.01", *setting)
     Trainer(cfg, tmp_path).step()
+    sizes = [mb for _, mb in logprob_calls]
     assert sizes and set(sizes) == {expected}  # the reference and post-update log-probs

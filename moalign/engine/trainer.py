@@ -232,7 +232,7 @@ class Trainer:
         ref_lp = None
         if cfg.loss.kl_coef > 0:
             with timer("ref_logprobs"):
-                ref_lp = self._reference_logprobs(rollout, hidden)
+                ref_lp = self._reference_logprobs(rollout, hidden, mb)
         mask = rollout.response_mask
         w = self.weighting
         with timer("advantages"):
@@ -286,9 +286,8 @@ class Trainer:
         """Within the block, ``model`` runs only the blocks above the frozen trunk (when the trunk is reused)."""
         return self.trunk.top_only(model) if self.trunk is not None else nullcontext()
 
-    def _reference_logprobs(self, rollout: Rollout, hidden: torch.Tensor | None) -> torch.Tensor:
-        o = self.cfg.optim
-        mb, t = o.logprob_micro_batch_size or o.micro_batch_size, self.cfg.rollout.temperature
+    def _reference_logprobs(self, rollout: Rollout, hidden: torch.Tensor | None, mb: int) -> torch.Tensor:
+        t = self.cfg.rollout.temperature
         if self.reference is not None:  # its trunk is the policy's frozen trunk: the same hidden states
             with self._top_only(self.reference):
                 return response_logprobs(self.reference, rollout, mb, t, trunk_hidden=hidden).cpu()
