@@ -1,6 +1,7 @@
 """fast_generate against model.generate and a teacher-forced forward pass, on tiny randomly initialised models."""
 
 import math
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -16,7 +17,8 @@ from transformers import (
 )
 from transformers.generation.logits_process import TopPLogitsWarper
 
-from moalign.engine.rollout import generate, response_logprobs
+from moalign.engine.embedding_rows import EmbeddingRowGradients
+from moalign.engine.rollout import generate, micro_batch_logprobs, response_logprobs
 from moalign.engine.sampler import (
     fast_generate,
     nucleus_filter,
@@ -313,7 +315,109 @@ def test_shared_prompt_forward_runs_each_prompt_once(llama, tokenizer):
     finally:
         hook.remove()
     width, tr = rollout.prompt_ids.shape[1], rollout.response_ids.shape[1]
-    assert seen == [(2, width), (6, tr - 1)]  # 2 distinct prompts, then the 6 responses on their cached prompts
+    # the 2 distinct prompts but their last token, then each of the 6 rows: that token and its response but the last
+    assert seen == [(2, width - 1), (6, tr)]
+
+
+@pytest.mark.parametrize("share_prompts", [False, True])
+def test_micro_batch_runs_only_up_to_its_longest_response(share_prompts, tokenizer):
+    """A micro-batch whose responses all end early runs that many response positions, with the log-probs and
+    gradients of the full-width forward (which a longer row in the same micro-batch forces)."""
+    model = tiny_model(LlamaConfig, LlamaForCausalLM)
+    prompts, groups = groups_of(random_prompts(3, seed=5), 4)
+    torch.manual_seed(0)
+    rollout = fast_generate(model, tokenizer, prompts, groups, groups, MAX_NEW)
+    lengths = rollout.response_mask.sum(-1)
+    short, long = int(lengths.argmin()), int(lengths.argmax())
+    width, short_len = rollout.response_ids.shape[1], int(lengths[short])
+    assert short_len < width == int(lengths[long])
+    weights = torch.randn(rollout.response_ids.shape, generator=torch.Generator().manual_seed(0))
+
+    def run(rows: list[int]):
+        model.zero_grad(set_to_none=True)
+        seen = []
+        hook = model.model.embed_tokens.register_forward_hook(lambda module, args, out: seen.append(args[0].shape))
+        try:
+            part = rollout.select(torch.tensor(rows))
+            lp = micro_batch_logprobs(model, part.prompt_ids, part.prompt_mask, part.response_ids,
+                                      part.response_mask, grad=True, share_prompts=share_prompts)
+        finally:
+            hook.remove()
+        (lp[0] * weights[short]).sum().backward()
+        return lp[0].detach(), torch.cat([p.grad.flatten() for p in model.parameters()]), seen[-1][1]
+
+    alone_lp, alone_grads, alone_positions = run([short, short])
+    full_lp, full_grads, full_positions = run([short, long])
+    assert alone_lp.shape == full_lp.shape == (width,)
+    assert not alone_lp[short_len:].any()
+    assert torch.allclose(alone_lp, full_lp, atol=1e-6)
+    assert (alone_grads - full_grads).norm() / full_grads.norm() < 1e-5
+    assert full_positions - alone_positions == width - short_len  # the last call ran that many fewer positions
+
+
+def test_one_token_prompt_falls_back_to_the_plain_forward(llama, tokenizer):
+    """The shared call runs all prompt positions but the last: a one-token prompt would leave it a fully masked row."""
+    prompts, groups = groups_of([[5], [7, 8, 9]], 3)
+    torch.manual_seed(0)
+    rollout = fast_generate(llama, tokenizer, prompts, groups, groups, 6)
+    calls = []
+    hook = llama.model.embed_tokens.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    try:
+        shared = response_logprobs(llama, rollout, 6, share_prompts=True)
+    finally:
+        hook.remove()
+    assert calls == [6]  # one plain forward over the 6 rows
+    assert torch.allclose(shared, response_logprobs(llama, rollout, 6, share_prompts=False), atol=1e-6)
+
+
+# ---- the input embedding's gradient added on the rows used -------------------------------------------------------
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_embedding_row_gradients_equal_autograds(tied, tokenizer):
+    """Same gradients as autograd's dense embedding backward, for every parameter; the pad row (``padding_idx``,
+    looked up in the padded prompts and responses) gets none. Two micro-batches accumulate, as in the update."""
+    model = tiny_model(LlamaConfig, LlamaForCausalLM, tie_word_embeddings=tied)
+    assert model.model.embed_tokens.padding_idx == PAD
+    prompts, groups = groups_of(random_prompts(3, seed=5), 4)
+    torch.manual_seed(0)
+    rollout = fast_generate(model, tokenizer, prompts, groups, groups, MAX_NEW)
+    assert bool((rollout.prompt_ids == PAD).any()) and bool((rollout.response_ids == PAD).any())
+    weights = torch.randn(rollout.response_ids.shape, generator=torch.Generator().manual_seed(0))
+
+    def gradients(rows: EmbeddingRowGradients | None) -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        with rows or nullcontext():
+            for sl in (slice(0, 4), slice(4, 12)):  # the second micro-batch holds two groups
+                lp = micro_batch_logprobs(model, rollout.prompt_ids[sl], rollout.prompt_mask[sl],
+                                          rollout.response_ids[sl], rollout.response_mask[sl], grad=True,
+                                          share_prompts=True)
+                (lp * weights[sl]).sum().backward()
+                if rows is not None:
+                    assert len(rows.records) == 2  # the shared prompts' lookup and the rows'
+                    rows.flush()
+        return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    reference = gradients(None)
+    rows = EmbeddingRowGradients.for_model(model)
+    assert rows is not None
+    by_rows = gradients(rows)
+    assert rows.records == [] and not model.model.embed_tokens._forward_hooks  # nothing left behind
+    assert reference.keys() == by_rows.keys()
+    for name, grad in reference.items():
+        assert torch.allclose(by_rows[name], grad, atol=1e-6, rtol=1e-5), name
+    embedding = by_rows["model.embed_tokens.weight"]
+    if not tied:  # (tied, the LM head's gradient reaches the pad row)
+        assert not embedding[PAD].any()
+    assert embedding[2:].abs().sum() > 0
+
+
+def test_embedding_row_gradients_only_where_they_apply():
+    model = tiny_model(LlamaConfig, LlamaForCausalLM)
+    model.model.embed_tokens.weight.requires_grad_(False)
+    assert EmbeddingRowGradients.for_model(model) is None  # a frozen embedding (LoRA, a trained top only)
+    model.model.embed_tokens.weight.requires_grad_(True)
+    model.model.embed_tokens.max_norm = 1.0
+    assert EmbeddingRowGradients.for_model(model) is None  # max_norm renormalizes rows in the forward
 
 
 def test_sliding_window_cache_falls_back_to_the_plain_forward(tokenizer):

@@ -138,7 +138,8 @@ MIN_SHARED_PROMPT_FLOPS = 1e9
 
 def micro_batch_logprobs(model, prompt_ids, prompt_mask, response_ids, response_mask, temperature=1.0, grad=False,
                          share_prompts=None, trunk_hidden=None):
-    """log-probs [b, Tr] of the responses of one micro-batch (0 where masked out), with autograd when ``grad``.
+    """log-probs [b, Tr] of the responses of one micro-batch (0 where masked out), with autograd when ``grad``; the
+    model runs only as many response positions as the micro-batch's longest response.
 
     Sharing prompts, rows with the same prompt (the samples of a group) run it once: the prompt's keys and values
     are computed once and gathered for every row that continues it, so the prompt's forward — and backward, the
@@ -147,13 +148,21 @@ def micro_batch_logprobs(model, prompt_ids, prompt_mask, response_ids, response_
     ``share_prompts``: ``None`` shares when it saves at least ``MIN_SHARED_PROMPT_FLOPS``, ``True`` always,
     ``False`` never. ``trunk_hidden`` [b, Tp + Tr − 1, d]: the model's input embeddings instead of the token ids'
     (the frozen trunk's output, ``engine.trunk``)."""
+    # Columns past the micro-batch's longest response are padding in every row: they are left out (attention is
+    # causal, so the other positions' outputs do not change) and get log-prob 0, as the mask would give them.
+    width = response_ids.shape[1]
+    keep = int(response_mask.any(0).nonzero().max()) + 1 if bool(response_mask.any()) else 1
+    if keep < width:
+        response_ids, response_mask = response_ids[:, :keep], response_mask[:, :keep]
+        if trunk_hidden is not None:
+            trunk_hidden = trunk_hidden[:, :prompt_ids.shape[1] + keep - 1]
     targets = response_ids.to(next(model.parameters()).device)
     with torch.set_grad_enabled(grad):
         logits = sequence_outputs(model, prompt_ids, prompt_mask, response_ids, response_mask, share_prompts,
                                   trunk_hidden)
         lp = torch.cat([_token_logprobs(part, temperature, part_targets)
                         for part, part_targets in zip(logits, targets.split([p.shape[1] for p in logits], 1))], 1)
-    return lp * response_mask.to(lp.device)
+        return torch.nn.functional.pad(lp * response_mask.to(lp.device), (0, width - keep))
 
 
 def sequence_outputs(model, prompt_ids, prompt_mask, response_ids, response_mask, share_prompts=None,
@@ -256,18 +265,27 @@ def _outputs(model, prompt_ids, prompt_mask, response_ids, response_mask, inputs
 
 def _outputs_sharing_prompts(model, prompt_ids, prompt_mask, response_ids, response_mask, inputs_embeds,
                              all_positions, min_saved_flops: float) -> list[torch.Tensor] | None:
-    """``sequence_outputs`` as the prompt's part [b, 1 or Tp, ·] and the response's [b, Tr − 1, ·], running each
-    distinct prompt once; ``None`` when sharing would save fewer than ``min_saved_flops`` (2 per parameter per
-    prompt position not run) or the model's cache cannot be gathered row-wise."""
+    """``sequence_outputs`` as the prompt's part [b, Tp − 1, ·] (``all_positions`` only) and the rest's
+    [b, Tr, ·], running each distinct prompt once; ``None`` when sharing would save fewer than ``min_saved_flops``
+    (2 per parameter per prompt position not run), a prompt has a single token, or the model's cache cannot be
+    gathered row-wise.
+
+    The shared call covers the prompts' first Tp − 1 positions; every row then runs its prompt's last token
+    followed by its response, so the Tr positions that predict the response go through the LM head in one call.
+    (Taking the first response token's logits from the prompt call instead would send one position per distinct
+    prompt through the head on its own, and its backward writes a whole vocabulary × hidden gradient for that one
+    position: an outer product plus a sum with the other calls' gradient, ≈ 0.2 s per micro-batch of SmolLM2.)"""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
     distinct, row_of = torch.unique(torch.cat([prompt_ids, prompt_mask], 1), dim=0, return_inverse=True)
-    width = prompt_ids.shape[1]
+    width = prompt_ids.shape[1] - 1  # shared: all but the last column (left-padded, it holds every prompt's last token)
     saved_positions = (len(prompt_ids) - len(distinct)) * width
     if saved_positions == 0 or 2 * sum(p.numel() for p in model.parameters()) * saved_positions < min_saved_flops:
         return None
-    pmask = distinct[:, width:]
+    pmask = distinct[:, width + 1:-1]  # the shared positions' mask (distinct rows are [ids | mask], Tp each)
+    if not bool(pmask.any(-1).all()):
+        return None  # a one-token prompt: a fully masked row in the shared call
     prompt_embeds = None
     if inputs_embeds is not None:  # any row of each distinct prompt: their prompt positions are the same
         some_row = torch.empty(len(distinct), dtype=torch.long, device=row_of.device)
@@ -282,14 +300,12 @@ def _outputs_sharing_prompts(model, prompt_ids, prompt_mask, response_ids, respo
     # Row r continues distinct prompt row_of[r]; the gathers' backward sums over a group. index_select, not
     # advanced indexing: its backward (index_add_) adds in a fixed order, where indexing's (index_put_ with
     # accumulate) adds with atomics across threads, so repeated rows made the update's gradients differ run to run.
-    first = out.logits.index_select(0, row_of)
-    if response_ids.shape[1] == 1:
-        return [first]
     for layer in cache.layers:
         if layer.is_initialized:
             layer.keys, layer.values = layer.keys.index_select(0, row_of), layer.values.index_select(0, row_of)
     attn = torch.cat([prompt_mask, response_mask.long()], 1)[:, :-1]
-    rest = model(**_inputs(response_ids[:, :-1], None if inputs_embeds is None else inputs_embeds[:, width:]),
+    rest_ids = torch.cat([prompt_ids[:, width:], response_ids[:, :-1]], 1)
+    rest = model(**_inputs(rest_ids, None if inputs_embeds is None else inputs_embeds[:, width:]),
                  attention_mask=attn, position_ids=position_ids(attn)[:, width:], past_key_values=cache,
-                 use_cache=True)
-    return [first, rest.logits]
+                 use_cache=True, logits_to_keep=0)
+    return [out.logits.index_select(0, row_of), rest.logits] if all_positions else [rest.logits]

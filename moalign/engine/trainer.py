@@ -39,6 +39,7 @@ from moalign.diagnostics.law import LawMonitor
 from moalign.diagnostics.pl import PLEstimator
 from moalign.engine import checkpoint as ckpt
 from moalign.engine import rollout as hf_rollout
+from moalign.engine.embedding_rows import EmbeddingRowGradients
 from moalign.engine.evaluation import (
     encode_prompts,
     eval_change_table,
@@ -373,30 +374,37 @@ class Trainer:
         obj_grads = None
         forward_logprobs = []
         logs = {"policy": 0.0, "kl": 0.0, "clipfrac": 0.0, "clipfrac_lower": 0.0}
-        for start in range(0, len(mini), mb):
-            sl = slice(start, start + mb)
-            m = mini.response_mask[sl].to(self.device)
-            lp = micro_batch_logprobs(self.model, mini.prompt_ids[sl], mini.prompt_mask[sl], mini.response_ids[sl],
-                                      mini.response_mask[sl], self.cfg.rollout.temperature, grad=True,
-                                      trunk_hidden=_rows(hidden, sl))
-            forward_logprobs.append(lp.detach().cpu())
-            old = lp.detach() if old_lp is None else old_lp[sl].to(self.device)
-            frac = float(m.sum()) / n_tok
-            kl = torch.zeros((), device=self.device)
-            if ref_lp is not None:
-                kl = aggregate(kl_penalty(lp, ref_lp[sl].to(self.device), lc.kl_estimator), m, "token-mean",
-                               num_tokens=n_tok)
-            pl = policy_loss(lp, old, adv[sl].to(self.device), m, lc.clip_eps_low, lc.clip_eps_high, lc.dual_clip)
-            pg = aggregate(pl.per_token, m, **agg)
-            if gradient_level:
-                obj_grads = self._accumulate_objective_grads(obj_grads, lp, old, per_obj[sl], m, agg)
-                (lc.kl_coef * kl).backward() if kl.requires_grad else None
-            else:
-                (pg + lc.kl_coef * kl).backward()
-            logs["policy"] += float(pg.detach())
-            logs["kl"] += float(kl.detach())
-            logs["clipfrac"] += float(pl.clipfrac) * frac
-            logs["clipfrac_lower"] += float(pl.clipfrac_lower) * frac
+        # the embedding's gradient added on the rows used (engine/embedding_rows.py); gradient-level weightings take
+        # per-objective gradients with autograd.grad, which would not see those rows
+        embedding_rows = None if gradient_level else EmbeddingRowGradients.for_model(self.model)
+        with embedding_rows or nullcontext():
+            for start in range(0, len(mini), mb):
+                sl = slice(start, start + mb)
+                m = mini.response_mask[sl].to(self.device)
+                lp = micro_batch_logprobs(self.model, mini.prompt_ids[sl], mini.prompt_mask[sl],
+                                          mini.response_ids[sl], mini.response_mask[sl], self.cfg.rollout.temperature,
+                                          grad=True, trunk_hidden=_rows(hidden, sl))
+                forward_logprobs.append(lp.detach().cpu())
+                old = lp.detach() if old_lp is None else old_lp[sl].to(self.device)
+                frac = float(m.sum()) / n_tok
+                kl = torch.zeros((), device=self.device)
+                if ref_lp is not None:
+                    kl = aggregate(kl_penalty(lp, ref_lp[sl].to(self.device), lc.kl_estimator), m, "token-mean",
+                                   num_tokens=n_tok)
+                pl = policy_loss(lp, old, adv[sl].to(self.device), m, lc.clip_eps_low, lc.clip_eps_high,
+                                 lc.dual_clip)
+                pg = aggregate(pl.per_token, m, **agg)
+                if gradient_level:
+                    obj_grads = self._accumulate_objective_grads(obj_grads, lp, old, per_obj[sl], m, agg)
+                    (lc.kl_coef * kl).backward() if kl.requires_grad else None
+                else:
+                    (pg + lc.kl_coef * kl).backward()
+                    if embedding_rows is not None:
+                        embedding_rows.flush()
+                logs["policy"] += float(pg.detach())
+                logs["kl"] += float(kl.detach())
+                logs["clipfrac"] += float(pl.clipfrac) * frac
+                logs["clipfrac_lower"] += float(pl.clipfrac_lower) * frac
         if gradient_level:
             self._write_combined_direction(obj_grads, stats)
         logs["total"] = logs["policy"] + lc.kl_coef * logs["kl"]
