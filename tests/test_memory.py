@@ -48,3 +48,21 @@ def test_small_processes_are_not_trimmed(monkeypatch):
     assert memory.resident_bytes() > 0
     assert memory.trim_heap_if_large(threshold=1 << 50) is False and calls == []
     assert memory.trim_heap_if_large(threshold=0) is True and calls == [1]
+
+
+def test_phase_timer_trims_only_where_asked(monkeypatch):
+    """The step trims after sampling and at its end; the passes between reuse each other's freed pages."""
+    import moalign.engine.trainer as trainer
+
+    calls = []
+    monkeypatch.setattr(trainer, "trim_heap_if_large", lambda: calls.append(1) or True)
+    timer = trainer.PhaseTimer()
+    with timer("update"):
+        pass
+    assert calls == []
+    with timer("sample", trim=True):
+        pass
+    assert calls == [1]
+    with timer("update"):
+        pass
+    assert set(timer.seconds) == {"update", "sample"} and calls == [1]
