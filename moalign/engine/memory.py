@@ -1,4 +1,4 @@
-"""Give freed tensor memory back to the system between the phases of a step.
+"""Give freed tensor memory back to the system after sampling and at the end of each step.
 
 An RL step allocates and frees many tensors of a few to a few hundred megabytes (activations, logits, gradients).
 glibc's ``malloc`` serves blocks above its mmap threshold with ``mmap`` and unmaps them on ``free``, but it *raises*
@@ -7,11 +7,11 @@ in the heap, which only shrinks from its top: the freed space between live block
 (SmolLM2-135M) that was ≈ 1.7 GB of the 4.6 GB resident between phases, and a 6.3 GB peak.
 
 ``trim_heap`` (glibc's ``malloc_trim(0)``, which also releases whole free pages in the middle of the heap) after
-sampling and at the end of each step (``trainer.PhaseTimer``) brings the resident set back to ≈ 2.6 GB; the
-passes between (reference, update, post-update) reuse each other's freed pages, which trimming after every phase
-made them fault in again (1.03 M vs 0.80 M minor faults per default step, the same peak). Released pages are faulted back in by the
-next phase; for a small process that is time spent on memory nobody misses, so the trainer trims only while the
-process holds more than ``TRIM_ABOVE_BYTES``. The alternative, a fixed 1 MB mmap threshold,
+sampling and at the end of each step (``trainer.PhaseTimer``) brings the resident set back to ≈ 2.6 GB. The passes
+between (reference, update, post-update) reuse each other's freed pages; trimming after every phase made them fault
+those pages in again (1.03 M vs 0.80 M minor faults per default step, the same peak). Released pages are faulted
+back in when they are used again; for a small process that is time spent on memory nobody misses, so the trainer
+trims only while the process holds more than ``TRIM_ABOVE_BYTES``. The alternative, a fixed 1 MB mmap threshold,
 saved a little more memory but made every large allocation fault in fresh pages: 2.5× the system time and ≈ 15 %
 slower updates (``python bench/step.py``, docs/performance.md). Elsewhere than glibc this does nothing.
 """

@@ -656,7 +656,7 @@ class RunDirRecorder(TrainerCallback):
         step, every = state.global_step // self.k, self.cfg.eval.every
         if self.evaluate is not None and every and step % every == 0 and step < self.cfg.steps:
             self.pending.update(self._evaluate(step, ["val"]))
-        trim_heap_if_large()  # as the native engine does after each phase (engine/memory.py)
+        trim_heap_if_large()  # as the native engine does at the end of a step (engine/memory.py)
         now = time.perf_counter()
         self.pending["perf/step_s"] = now - self.step_started - self.eval_seconds
         self.step_started, self.eval_seconds = now, 0.0
