@@ -23,6 +23,7 @@ from moalign.engine.sampler import (
     fast_generate,
     nucleus_filter,
     sample_categorical,
+    sample_from_logits,
     survivor_order,
 )
 from moalign.errors import UserError
@@ -219,6 +220,43 @@ def test_sample_categorical_never_picks_a_token_without_mass(monkeypatch):
     monkeypatch.setattr(torch, "rand", lambda shape, **kw: torch.ones(shape, **kw))
     index = sample_categorical(probs)
     assert (probs.gather(-1, index[:, None]) > 0).all()
+
+
+@pytest.mark.parametrize("block", [4, 256])  # several blocks, the last one partial; one padded block
+def test_sample_from_logits_frequencies_logprobs_and_zero_mass(monkeypatch, block):
+    import moalign.engine.sampler as sampler
+
+    monkeypatch.setattr(sampler, "CDF_BLOCK", block)
+    logits = torch.tensor([[0.3, -math.inf, 1.2, -0.5, -math.inf, 2.0, 0.0, -1.0, 0.7, -math.inf]]) * 1.5
+    probs = logits.softmax(-1)[0]
+    torch.manual_seed(0)
+    index, logprobs = sample_from_logits(logits.repeat(40_000, 1))  # (overwrites its input: a copy here)
+    counts = torch.bincount(index, minlength=10).float()
+    assert counts[probs == 0].sum() == 0  # tokens without mass, inside blocks and at the end
+    assert torch.allclose(counts / counts.sum(), probs, atol=0.01)
+    assert total_variation(counts, (logits * 0.5).softmax(-1)[0]) > 0.1  # the check can tell another law apart
+    torch.testing.assert_close(logprobs, logits.log_softmax(-1)[0][index], rtol=0, atol=1e-6)
+
+
+def test_sample_from_logits_redraws_rows_rounding_sends_past_the_mass(monkeypatch):
+    import moalign.engine.sampler as sampler
+
+    monkeypatch.setattr(sampler, "CDF_BLOCK", 4)
+    logits = torch.tensor([[0.0, 1.0, -math.inf, -math.inf, -math.inf, -math.inf],
+                           [0.5, -math.inf, 0.2, -math.inf, -math.inf, -math.inf]])
+    monkeypatch.setattr(torch, "rand", lambda shape, **kw: torch.ones(shape, **kw))  # u = total
+    index, logprobs = sample_from_logits(logits.clone())
+    assert (logits.gather(-1, index[:, None]) > -math.inf).all()
+    torch.testing.assert_close(logprobs, logits.log_softmax(-1).gather(-1, index[:, None]).squeeze(1))
+
+
+def test_sample_from_logits_on_a_real_vocabulary_size():
+    logits = torch.randn(64, 49_157, generator=torch.Generator().manual_seed(3)) * 3  # 193 blocks, one partial
+    torch.manual_seed(1)
+    index, logprobs = sample_from_logits(logits.clone())
+    torch.testing.assert_close(logprobs, logits.log_softmax(-1).gather(-1, index[:, None]).squeeze(1),
+                               rtol=0, atol=1e-5)
+    assert len(set(index.tolist())) > 32  # distinct rows draw distinct tokens
 
 
 # ---- pieces -------------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ import math
 from contextlib import nullcontext
 
 import torch
+from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
@@ -156,15 +157,56 @@ def sample_categorical(probs: torch.Tensor) -> torch.Tensor:
     return index
 
 
+# The block size of the two-level inverse CDF (sample_from_logits): 49 152 / 256 = 192 blocks for SmolLM2.
+CDF_BLOCK = 256
+
+
+def sample_from_logits(scaled_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One index per row of softmax(``scaled_logits``) [n, V] and its log-prob, by a two-level inverse CDF.
+    **Overwrites** ``scaled_logits`` (with the unnormalised probabilities w below): no vocabulary-sized tensor is
+    allocated, which on a CPU costs as much as the arithmetic (page faults on ≈ 13 MB per decode step at batch 64).
+
+        w = exp(z − max z),  s_j = Σ_{i ∈ block j} w_i,  u ~ U[0, 1) · Σ_j s_j
+        block  b = the first j with s_1 + … + s_j > u
+        token  y = the first i of block b with Σ_{i' ≤ i in block b} w_{i'} > u − (s_1 + … + s_{b−1})
+        log p(y) = log w_y − log Σ_j s_j
+
+    The same law as ``sample_categorical`` (one cumsum over the vocabulary), with a cumsum over the block sums and
+    one within a single block per row instead: in SmolLM2's decode loop at batch 64 a draw over the 49k vocabulary
+    takes ≈ 3.5 ms instead of ≈ 12 ms for log-softmax, exp and the full cumsum. A token without mass is never
+    returned: rounding can only push u past the end of its block, and those rows (almost never any) are drawn again
+    with ``multinomial``."""
+    n, vocab = scaled_logits.shape
+    weights = scaled_logits.sub_(scaled_logits.amax(-1, keepdim=True)).exp_()
+    blocks = -(-vocab // CDF_BLOCK)
+    if blocks * CDF_BLOCK != vocab:
+        weights = nn.functional.pad(weights, (0, blocks * CDF_BLOCK - vocab))  # zero weight for the padding
+    by_block = weights.view(n, blocks, CDF_BLOCK)
+    block_cdf = by_block.sum(-1).cumsum(-1)
+    total = block_cdf[:, -1:]
+    u = torch.rand((n, 1), device=weights.device, dtype=weights.dtype) * total
+    block = torch.searchsorted(block_cdf, u, right=True).clamp_(max=blocks - 1)
+    before = torch.where(block > 0, block_cdf.gather(-1, (block - 1).clamp_(min=0)), 0.0)
+    within_cdf = by_block.gather(1, block[:, :, None].expand(n, 1, CDF_BLOCK)).squeeze(1).cumsum(-1)
+    offset = torch.searchsorted(within_cdf, u - before, right=True).clamp_(max=CDF_BLOCK - 1)
+    index = (block * CDF_BLOCK + offset).squeeze(1)
+    chosen = weights.gather(-1, index[:, None]).squeeze(1)
+    empty = chosen == 0
+    if bool(empty.any()):
+        index[empty] = torch.multinomial(weights[empty], 1).squeeze(1)
+        chosen = weights.gather(-1, index[:, None]).squeeze(1)
+    return index, chosen.log() - total.squeeze(1).log()
+
+
 def next_tokens(logits: torch.Tensor, temperature: float, top_p: float, greedy: bool
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token per row [n] and its log-prob under softmax(logits / τ) [n], from float logits [n, V]."""
+    """Token per row [n] and its log-prob under softmax(logits / τ) [n], from float logits [n, V] (overwritten
+    when sampling at τ = 1 with top_p = 1: ``sample_from_logits``)."""
     scaled = logits / temperature if temperature != 1.0 else logits
+    if not greedy and top_p >= 1.0:
+        return sample_from_logits(scaled)
     logp = scaled.log_softmax(-1)
-    if greedy:
-        tokens = logits.argmax(-1)
-    else:
-        tokens = sample_categorical(logp.exp() if top_p >= 1.0 else nucleus_filter(scaled, top_p).softmax(-1))
+    tokens = logits.argmax(-1) if greedy else sample_categorical(nucleus_filter(scaled, top_p).softmax(-1))
     return tokens, logp.gather(-1, tokens[:, None]).squeeze(1)
 
 
