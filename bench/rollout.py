@@ -11,6 +11,8 @@ its time ratio is an exact like-for-like speedup.
 
     python bench/rollout.py                      # SmolLM2-135M and tiny, batches 4×4 and 8×8, 2 repeats
     python bench/rollout.py --models tiny --shapes 4x4 --repeats 1 --max-new-tokens 32   # quick look
+    python bench/rollout.py --models smollm2 --shapes 8x8 --max-new-tokens 512 --repeats 1   # most answers end
+                                                 # on their own before the budget (≈ 8 min)
     python bench/rollout.py --models smollm2 --unpacked   # + fast_generate without packed weights, same rounds
     python bench/rollout.py --models smollm2 --plain-decode   # + fast_generate with the model's forward per step
 """

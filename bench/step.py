@@ -141,10 +141,10 @@ def main() -> None:
     logprob_calls: list[dict[str, list]] = []  # per step: phase → [(rows given, micro-batch size)]
 
     @contextmanager
-    def watched_phase(self, name):  # the trainer's phase timer, plus the phase's peak resident set
+    def watched_phase(self, name, **options):  # the trainer's phase timer, plus the phase's peak resident set
         watcher.reset()
         phase_now[0] = name
-        with original_call(self, name):
+        with original_call(self, name, **options):
             yield
         phase_peaks.setdefault(name, []).append(watcher.reset() / 1e9)
 

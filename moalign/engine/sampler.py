@@ -22,7 +22,8 @@ The same computation as ``model.generate``, minus the work it wastes on a CPU:
 4. **Weights packed once per call** (``engine.packed``): MKL re-packs a weight on every ``F.linear``, a large share
    of a matmul with a few dozen rows.
 5. **Inverse-CDF sampling**: one uniform draw per row instead of ``torch.multinomial``'s one exponential draw per
-   vocabulary entry, which on a CPU costs about as much as the forward itself at a 49k vocabulary.
+   vocabulary entry, which on a CPU costs about as much as the forward itself at a 49k vocabulary; two-level
+   (block sums, then one block) and in place on the logits (``sample_from_logits``).
 6. **Decode steps without the per-call machinery** (``engine.decode``, Llama and Qwen2): the model's own layer
    code called directly, the same logits bit for bit.
 
