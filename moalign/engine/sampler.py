@@ -21,9 +21,9 @@ The same computation as ``model.generate``, minus the work it wastes on a CPU:
    rows are copied), so late steps run on the few sequences still going instead of the whole padded batch.
 4. **Weights packed once per call** (``engine.packed``): MKL re-packs a weight on every ``F.linear``, a large share
    of a matmul with a few dozen rows.
-5. **Inverse-CDF sampling**: one uniform draw per row instead of ``torch.multinomial``'s one exponential draw per
-   vocabulary entry, which on a CPU costs about as much as the forward itself at a 49k vocabulary; two-level
-   (block sums, then one block) and in place on the logits (``sample_from_logits``).
+5. **Inverse-CDF sampling** (``sample_from_logits``): one uniform draw per row instead of ``torch.multinomial``'s
+   one exponential draw per vocabulary entry, which on a CPU costs about as much as the forward itself at a 49k
+   vocabulary; two-level (block sums, then one block) and in place on the logits.
 6. **Decode steps without the per-call machinery** (``engine.decode``, Llama and Qwen2): the model's own layer
    code called directly, the same logits bit for bit.
 
@@ -142,22 +142,6 @@ def nucleus_filter(scaled_logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return scaled_logits.masked_fill(drop, -math.inf)
 
 
-def sample_categorical(probs: torch.Tensor) -> torch.Tensor:
-    """One index per row of ``probs`` [n, V] (rows sum to 1 up to rounding), by inverse CDF: the first index whose
-    cumulative probability exceeds u·total, u ~ U[0, 1).
-
-    ``torch.multinomial`` draws one exponential variate per vocabulary entry (≈ 100 ms per step for 64 rows of a
-    49k vocabulary on one CPU core, as long as the model's forward); this draws one uniform per row."""
-    cdf = probs.cumsum(-1)
-    u = torch.rand((probs.shape[0], 1), device=probs.device, dtype=cdf.dtype) * cdf[:, -1:]
-    index = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=probs.shape[1] - 1)
-    # Rounding can lift u·total to the top of the CDF, past the last token with mass: redraw those rows exactly.
-    empty = probs.gather(-1, index[:, None]).squeeze(1) == 0
-    if bool(empty.any()):
-        index[empty] = torch.multinomial(probs[empty], 1).squeeze(1)
-    return index
-
-
 # The block size of the two-level inverse CDF (sample_from_logits): 49 152 / 256 = 192 blocks for SmolLM2.
 CDF_BLOCK = 256
 
@@ -172,11 +156,13 @@ def sample_from_logits(scaled_logits: torch.Tensor) -> tuple[torch.Tensor, torch
         token  y = the first i of block b with Σ_{i' ≤ i in block b} w_{i'} > u − (s_1 + … + s_{b−1})
         log p(y) = log w_y − log Σ_j s_j
 
-    The same law as ``sample_categorical`` (one cumsum over the vocabulary), with a cumsum over the block sums and
-    one within a single block per row instead: in SmolLM2's decode loop at batch 64 a draw over the 49k vocabulary
-    takes ≈ 3.5 ms instead of ≈ 12 ms for log-softmax, exp and the full cumsum. A token without mass is never
-    returned: rounding can only push u past the end of its block, and those rows (almost never any) are drawn again
-    with ``multinomial``."""
+    One uniform draw per row: ``torch.multinomial`` draws one exponential variate per vocabulary entry (≈ 100 ms
+    per step for 64 rows of a 49k vocabulary on one CPU core, as long as the model's forward). The same law as one
+    cumsum over the vocabulary, with a cumsum over the block sums and one within a single block per row instead: in
+    SmolLM2's decode loop at batch 64 a draw takes ≈ 3.5 ms instead of ≈ 12 ms for log-softmax, exp and the full
+    cumsum. Tokens at −inf (e.g. outside a nucleus) have no mass, and a token without mass is never returned:
+    rounding can only push u past the end of its block, and those rows (almost never any) are drawn again with
+    ``multinomial``."""
     n, vocab = scaled_logits.shape
     weights = scaled_logits.sub_(scaled_logits.amax(-1, keepdim=True)).exp_()
     blocks = -(-vocab // CDF_BLOCK)
@@ -206,8 +192,9 @@ def next_tokens(logits: torch.Tensor, temperature: float, top_p: float, greedy: 
     scaled = logits / temperature if temperature != 1.0 else logits
     if not greedy and top_p >= 1.0:
         return sample_from_logits(scaled)
+    # the log-prob under the full distribution; the token by argmax, or drawn from the nucleus
     logp = scaled.log_softmax(-1)
-    tokens = logits.argmax(-1) if greedy else sample_categorical(nucleus_filter(scaled, top_p).softmax(-1))
+    tokens = logits.argmax(-1) if greedy else sample_from_logits(nucleus_filter(scaled, top_p))[0]
     return tokens, logp.gather(-1, tokens[:, None]).squeeze(1)
 
 
