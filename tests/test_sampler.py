@@ -18,6 +18,7 @@ from transformers import (
 from transformers.generation.logits_process import TopPLogitsWarper
 
 from moalign.engine.embedding_rows import EmbeddingRowGradients
+from moalign.engine.linear_grads import LinearGradientsInPlace
 from moalign.engine.rollout import generate, micro_batch_logprobs, response_logprobs
 from moalign.engine.sampler import (
     fast_generate,
@@ -455,6 +456,87 @@ def test_embedding_row_gradients_only_where_they_apply():
     model.model.embed_tokens.weight.requires_grad_(True)
     model.model.embed_tokens.max_norm = 1.0
     assert EmbeddingRowGradients.for_model(model) is None  # max_norm renormalizes rows in the forward
+
+
+# ---- linear layers' weight gradients accumulated in place ---------------------------------------------------------
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_linear_gradients_in_place_equal_autograds(tied, tokenizer):
+    """With the embedding's row gradients as well (as the update runs them), every parameter's gradient equals
+    autograd's: shared prompts (each layer used twice per micro-batch), two micro-batches accumulating, biases."""
+    model = tiny_model(Qwen2Config, Qwen2ForCausalLM, tie_word_embeddings=tied)
+    assert model.model.layers[0].self_attn.q_proj.bias is not None
+    prompts, groups = groups_of(random_prompts(3, seed=6), 4)
+    torch.manual_seed(0)
+    rollout = fast_generate(model, tokenizer, prompts, groups, groups, MAX_NEW)
+    weights = torch.randn(rollout.response_ids.shape, generator=torch.Generator().manual_seed(1))
+
+    def gradients(in_place: bool) -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        rows = EmbeddingRowGradients.for_model(model) if in_place else None
+        linear = LinearGradientsInPlace.for_model(model) if in_place else None
+        with rows or nullcontext(), linear or nullcontext():
+            for sl in (slice(0, 4), slice(4, 12)):
+                lp = micro_batch_logprobs(model, rollout.prompt_ids[sl], rollout.prompt_mask[sl],
+                                          rollout.response_ids[sl], rollout.response_mask[sl], grad=True,
+                                          share_prompts=True)
+                (lp * weights[sl]).sum().backward()
+                if rows is not None:
+                    rows.flush()
+        return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    reference = gradients(False)
+    in_place = gradients(True)
+    linear_layers = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    assert len(LinearGradientsInPlace.for_model(model).layers) == len(linear_layers)
+    assert not any("forward" in vars(m) for m in linear_layers)  # the layers' own forward is back
+    assert reference.keys() == in_place.keys()
+    for name, grad in reference.items():
+        assert grad.abs().sum() > 0, name
+        assert torch.allclose(in_place[name], grad, atol=1e-6, rtol=1e-5), name
+
+
+def test_linear_gradients_in_place_only_where_they_apply():
+    model = tiny_model(LlamaConfig, LlamaForCausalLM, tie_word_embeddings=False)
+    layer = model.model.layers[0].mlp.up_proj
+    layer.weight.requires_grad_(False)  # frozen (LoRA's base, a trunk below the trained top)
+    hooked = model.model.layers[0].mlp.down_proj
+    hooked.weight.register_post_accumulate_grad_hook(lambda p: None)  # a hook that would not run
+    manager = LinearGradientsInPlace.for_model(model)
+    assert layer not in manager.layers and hooked not in manager.layers
+    assert model.lm_head in manager.layers
+    x = torch.randn(3, 5, model.config.hidden_size)
+    with manager:
+        assert "forward" in vars(model.lm_head) and "forward" not in vars(layer)
+        with torch.no_grad():  # without gradients: the plain product
+            assert torch.equal(model.lm_head(x), torch.nn.functional.linear(x, model.lm_head.weight))
+        assert LinearGradientsInPlace.for_model(model) is None  # patched layers are not patched twice
+    assert not any("forward" in vars(m) for m in model.modules())
+    with pytest.raises(RuntimeError, match="boom"):
+        with manager:
+            raise RuntimeError("boom")
+    assert not any("forward" in vars(m) for m in model.modules())  # restored on an exception too
+    model.requires_grad_(False)
+    assert LinearGradientsInPlace.for_model(model) is None
+
+
+def test_linear_gradient_in_place_of_one_layer_against_the_formula():
+    """W.grad = Σ over uses of gᵀ x, added to what ``.grad`` held; the input's gradient is g W."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 3)
+    x1, x2 = torch.randn(2, 5, 4, requires_grad=True), torch.randn(7, 4)
+    g1, g2 = torch.randn(2, 5, 3), torch.randn(7, 3)
+    layer.weight.grad = torch.ones(3, 4)
+    with LinearGradientsInPlace.for_model(layer):
+        ((layer(x1) * g1).sum() + (layer(x2) * g2).sum()).backward()
+    expected = torch.ones(3, 4) + g1.reshape(-1, 3).t() @ x1.detach().reshape(-1, 4) + g2.t() @ x2
+    assert torch.allclose(layer.weight.grad, expected, atol=1e-6)
+    assert torch.allclose(x1.grad, g1 @ layer.weight.detach(), atol=1e-6)
+    assert torch.allclose(layer.bias.grad, g1.sum((0, 1)) + g2.sum(0), atol=1e-6)
+    layer.zero_grad(set_to_none=True)
+    with LinearGradientsInPlace.for_model(layer):
+        (layer(x2) * g2).sum().backward()  # no input needs a gradient (as a frozen trunk's output)
+    assert torch.allclose(layer.weight.grad, g2.t() @ x2, atol=1e-6)
 
 
 def test_sliding_window_cache_falls_back_to_the_plain_forward(tokenizer):

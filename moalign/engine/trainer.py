@@ -46,6 +46,7 @@ from moalign.engine.evaluation import (
     evaluate_split,
     score_batch,
 )
+from moalign.engine.linear_grads import LinearGradientsInPlace
 from moalign.engine.memory import trim_heap_if_large
 from moalign.engine.metrics import MetricsWriter
 from moalign.engine.rollout import Rollout, micro_batch_logprobs, response_logprobs
@@ -374,10 +375,12 @@ class Trainer:
         obj_grads = None
         forward_logprobs = []
         logs = {"policy": 0.0, "kl": 0.0, "clipfrac": 0.0, "clipfrac_lower": 0.0}
-        # the embedding's gradient added on the rows used (engine/embedding_rows.py); gradient-level weightings take
-        # per-objective gradients with autograd.grad, which would not see those rows
+        # the embedding's gradient added on the rows used (engine/embedding_rows.py) and the linear layers' weight
+        # gradients accumulated in place (engine/linear_grads.py); gradient-level weightings take per-objective
+        # gradients with autograd.grad, which would see neither
         embedding_rows = None if gradient_level else EmbeddingRowGradients.for_model(self.model)
-        with embedding_rows or nullcontext():
+        linear_grads = None if gradient_level else LinearGradientsInPlace.for_model(self.model)
+        with embedding_rows or nullcontext(), linear_grads or nullcontext():
             for start in range(0, len(mini), mb):
                 sl = slice(start, start + mb)
                 m = mini.response_mask[sl].to(self.device)
