@@ -7,7 +7,7 @@ For y = x Wᵀ + b over the rows of x [N, in], the weight's gradient is
 Autograd computes it as a fresh [out, in] tensor per use of the layer, sums the uses with an out-of-place add,
 then adds the sum into ``W.grad``. In the update every layer is used twice per micro-batch (the shared prompts'
 call and the rows' call, ``rollout.micro_batch_logprobs``) and four micro-batches accumulate: per weight, up to
-eight fresh model-sized tensors and their adds per step. On a CPU those adds read strided (transposed) operands
+eight fresh weight-sized tensors and their adds per step. On a CPU those adds read strided (transposed) operands
 and fresh pages: ≈ 0.8 s of a 15 s SmolLM2 update under the profiler (docs/performance.md).
 
 ``LinearGradientsInPlace`` computes the same sum in ``W.grad`` itself:
