@@ -148,8 +148,9 @@ CDF_BLOCK = 256
 
 def sample_from_logits(scaled_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One index per row of softmax(``scaled_logits``) [n, V] and its log-prob, by a two-level inverse CDF.
-    **Overwrites** ``scaled_logits`` (with the unnormalised probabilities w below): no vocabulary-sized tensor is
-    allocated, which on a CPU costs as much as the arithmetic (page faults on ≈ 13 MB per decode step at batch 64).
+    **Overwrites** ``scaled_logits`` (with the unnormalised probabilities w below): where V is a multiple of
+    ``CDF_BLOCK`` (SmolLM2's 49 152 is) no vocabulary-sized tensor is allocated, which on a CPU costs as much as the
+    arithmetic (page faults on ≈ 13 MB per decode step at batch 64); other vocabularies get one padded copy.
 
         w = exp(z − max z),  s_j = Σ_{i ∈ block j} w_i,  u ~ U[0, 1) · Σ_j s_j
         block  b = the first j with s_1 + … + s_j > u
