@@ -6,7 +6,8 @@ from contextlib import nullcontext
 import pytest
 import torch
 from test_sampler import PAD, tiny_model, word_tokenizer
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Olmo2Config,
+                          Olmo2ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 from moalign.engine.decode import lean_decoder
 from moalign.engine.packed import packed_linear_weights
@@ -51,7 +52,9 @@ PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14], [15], [10, 11]]  # different
     lambda: tiny(LlamaConfig, LlamaForCausalLM),
     lambda: tiny(LlamaConfig, LlamaForCausalLM, attention_bias=True, mlp_bias=True, tie_word_embeddings=True),
     lambda: tiny(Qwen2Config, Qwen2ForCausalLM),
-], ids=["llama", "llama-biases-tied", "qwen2"])
+    lambda: tiny(Qwen3Config, Qwen3ForCausalLM, head_dim=8),
+    lambda: tiny(MistralConfig, MistralForCausalLM, sliding_window=None),
+], ids=["llama", "llama-biases-tied", "qwen2", "qwen3", "mistral"])
 def test_logits_bit_identical_to_the_forward(make):
     model = make()
     plain, lean = decode_both_ways(model, PROMPTS)
@@ -84,8 +87,24 @@ def test_fast_generate_same_samples_with_and_without_it():
     assert runs[0].response_mask.sum() > len(prompts)  # more than one token per row was sampled
 
 
+def test_qwen3_head_norms_take_part():
+    """The lean step must apply Qwen3's q/k norms: scaling their weights changes its logits as it changes the
+    forward's (a step that skipped them would be bit-identical to the forward only by accident)."""
+    model = tiny(Qwen3Config, Qwen3ForCausalLM, head_dim=8)
+    before, _ = decode_both_ways(model, PROMPTS, steps=2)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_norm.weight.mul_(3.0)
+            layer.self_attn.k_norm.weight.mul_(0.5)
+    plain, lean = decode_both_ways(model, PROMPTS, steps=2)
+    assert torch.equal(plain, lean) and not torch.equal(plain, before)
+
+
 def test_declined_where_it_does_not_apply():
-    assert lean_decoder(tiny(MistralConfig, MistralForCausalLM, sliding_window=4)) is None  # another layer class
+    assert lean_decoder(tiny(Olmo2Config, Olmo2ForCausalLM)) is None  # another layer class (norms over all heads)
+    assert lean_decoder(tiny(MistralConfig, MistralForCausalLM, sliding_window=4)) is None  # a sliding window
+    assert lean_decoder(tiny(Qwen3Config, Qwen3ForCausalLM, head_dim=8, use_sliding_window=True,
+                             sliding_window=4, max_window_layers=1)) is None
     qwen_sliding = tiny(Qwen2Config, Qwen2ForCausalLM, use_sliding_window=True, sliding_window=4,
                         max_window_layers=1)
     assert lean_decoder(qwen_sliding) is None  # a sliding-window layer

@@ -14,6 +14,8 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 from transformers.generation.logits_process import TopPLogitsWarper
 
@@ -127,6 +129,8 @@ def test_greedy_matches_generate_in_chunks(llama, tokenizer):
 def other_model(name: str) -> torch.nn.Module:
     if name == "qwen2":  # attention biases
         return tiny_model(Qwen2Config, Qwen2ForCausalLM)
+    if name == "qwen3":  # per-head q/k norms (the lean decode step runs them)
+        return tiny_model(Qwen3Config, Qwen3ForCausalLM, head_dim=8)
     if name == "mistral_sliding_window":  # not a plain cache: the sampler keeps transformers' own cache for it
         return tiny_model(MistralConfig, MistralForCausalLM, sliding_window=4)
     from peft import (  # a LoRA-wrapped policy, as model.lora makes it
@@ -138,7 +142,7 @@ def other_model(name: str) -> torch.nn.Module:
     return get_peft_model(tiny_model(LlamaConfig, LlamaForCausalLM), lora).eval()
 
 
-@pytest.mark.parametrize("name", ["qwen2", "mistral_sliding_window", "llama_lora"])
+@pytest.mark.parametrize("name", ["qwen2", "qwen3", "mistral_sliding_window", "llama_lora"])
 def test_greedy_matches_generate_other_architectures(name, tokenizer):
     model = other_model(name)
     reference, fast = both(model, tokenizer, random_prompts(10, seed=3), greedy=True)
