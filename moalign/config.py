@@ -122,12 +122,25 @@ class NamedSection(BaseModel):
 
 class WeightingConfig(NamedSection):
     name: str = "ctwa"
+    gradient_params: Optional[list[str]] = Field(
+        None, min_length=1, description="gradient-level weightings (MGDA, Nash-MTL, ...): the trainable parameters, "
+        "as glob patterns over their names (e.g. 'model.layers.2[89].*'), on which the per-objective gradients are "
+        "taken and combined; the others follow the same combination of the objectives. None: every trainable "
+        "parameter (memory: M gradients of that size)")
+
+    @field_validator("gradient_params", mode="before")
+    @classmethod
+    def _one_pattern(cls, v):
+        return [v] if isinstance(v, str) else v
 
     @model_validator(mode="after")
     def _check(self):
         from moalign.weighting import WEIGHTINGS
 
         cls = WEIGHTINGS.get(self.name)
+        if self.gradient_params is not None and cls.family != "gradient":
+            raise ValueError(f"gradient_params applies to gradient-level weightings only; {self.name!r} is "
+                             f"{cls.family}-level")
         extra = self.params()
         unknown = sorted(set(extra) - set(cls.Params.model_fields))
         if unknown:

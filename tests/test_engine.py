@@ -193,3 +193,63 @@ def test_passes_without_gradients_use_their_own_micro_batch(tmp_path, logprob_ca
     Trainer(cfg, tmp_path).step()
     sizes = [mb for _, mb in logprob_calls]
     assert sizes and set(sizes) == {expected}  # the reference and post-update log-probs
+
+
+def test_gradient_level_update_on_a_parameter_subset(tmp_path, monkeypatch):
+    """weighting.gradient_params: the weighting sees the objectives' gradients on the chosen parameters only, and
+    every trainable parameter gets Σ_j w_j ∇L_j with the weights it chose there (autograd, whole batch at once)."""
+    from moalign.engine.rollout import micro_batch_logprobs
+    from moalign.rl.loss import aggregate, policy_loss
+    from moalign.weighting import StepStats, make_weighting
+
+    t = Trainer(tiny_config("weighting=mgda", "weighting.gradient_params=[model.layers.1.mlp.*, model.norm.*]",
+                            "optim.micro_batch_size=3"), tmp_path)
+    chosen_names = [n for n, p in t.model.named_parameters() if p.requires_grad
+                    and (n.startswith("model.layers.1.mlp.") or n.startswith("model.norm."))]
+    assert len(chosen_names) == 4 and len(t.objective_params) == 4 < len(t.params)
+    groups = [0] * 4 + [1] * 4
+    torch.manual_seed(0)
+    rollout = t.generate(t.model, t.tokenizer, [t.prompt_tokens["train"][g] for g in groups], groups, groups,
+                         t.cfg.rollout.max_new_tokens)
+    mask = rollout.response_mask
+    per_obj = torch.randn(8, 3, generator=torch.Generator().manual_seed(1))
+    stats = StepStats(0, torch.rand(8, 3), rollout.group_ids, per_obj.sum(1), per_obj.sum(1), mask, mask.float())
+    seen = []
+    combine = t.weighting.combine
+    monkeypatch.setattr(t.weighting, "combine", lambda g, s: seen.append(g.shape) or combine(g, s))
+    t.optimizer.zero_grad(set_to_none=True)
+    t._mini_batch_gradients(rollout, None, None, None, per_obj.sum(1), per_obj, stats)
+    got = [p.grad.clone() for p in t.params]
+    assert seen == [(3, sum(p.numel() for p in t.objective_params))]  # G on the chosen parameters only
+    assert all(p.requires_grad for p in t.params)  # the first pass's freeze is undone
+
+    # the same by hand: one forward over the whole batch, each objective's loss gradient on every parameter
+    t.optimizer.zero_grad(set_to_none=True)
+    lp = micro_batch_logprobs(t.model, rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, mask,
+                              t.cfg.rollout.temperature, grad=True)
+    agg = dict(mode=t.cfg.loss.loss_agg, norm_len=t.cfg.rollout.max_new_tokens, num_tokens=float(mask.sum()),
+               num_seqs=8.0)
+    grads = []
+    for j in range(3):
+        loss = aggregate(policy_loss(lp, lp.detach(), per_obj[:, j], mask, 0.2, 0.2, 3.0).per_token, mask, **agg)
+        grads.append(torch.autograd.grad(loss, t.params, retain_graph=True))
+    chosen = [i for i, p in enumerate(t.params) if any(p is q for q in t.objective_params)]
+    flat = lambda idx: torch.stack([torch.cat([grads[j][i].reshape(-1) for i in idx]) for j in range(3)])  # noqa: E731
+    w = make_weighting("mgda", t.objective_names)
+    w.combine(flat(chosen), stats)
+    w_all = make_weighting("mgda", t.objective_names)
+    w_all.combine(flat(range(len(t.params))), stats)
+    assert not torch.allclose(w.weights, w_all.weights, atol=1e-3)  # the subset's choice is not the whole model's
+    torch.testing.assert_close(t.weighting.weights, w.weights, rtol=1e-4, atol=1e-6)
+    for i, g in enumerate(got):
+        expected = sum(float(w.weights[j]) * grads[j][i] for j in range(3))
+        torch.testing.assert_close(g, expected, rtol=1e-4, atol=1e-7)
+
+
+def test_gradient_params_errors(tmp_path):
+    from moalign.errors import UserError
+
+    with pytest.raises(UserError, match="gradient-level weightings only"):
+        tiny_config("weighting=ctwa", "weighting.gradient_params=[model.norm.*]")
+    with pytest.raises(UserError, match="matches no trainable parameter.*model.embed_tokens.weight"):
+        Trainer(tiny_config("weighting=mgda", "weighting.gradient_params=lm_head.bias"), tmp_path)

@@ -53,7 +53,7 @@ from moalign.engine.rollout import Rollout, micro_batch_logprobs, response_logpr
 from moalign.engine.sampler import fast_generate
 from moalign.engine.trunk import FrozenTrunk
 from moalign.errors import UserError
-from moalign.models import load_model, prepare_trainable, system_prompt_for
+from moalign.models import load_model, prepare_trainable, select_parameters, system_prompt_for
 from moalign.objectives import Objective, ScoringBatch, load_objective
 from moalign.rl.estimators import get_estimator
 from moalign.rl.loss import aggregate, kl_penalty, policy_loss
@@ -164,6 +164,9 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         if not self.params:
             raise UserError("no trainable parameters (check model.train_last_k_layers / model.lora)")
+        # a gradient-level weighting's per-objective gradients are taken on these (weighting.gradient_params)
+        self.objective_params = (select_parameters(self.model, cfg.weighting.gradient_params)
+                                 if self.weighting.family == "gradient" else [])
         self.trunk = None  # the frozen blocks below the trained ones, run once per step (engine.trunk)
         if cfg.model.train_last_k_layers is not None and cfg.model.lora is None and cfg.model.reuse_frozen_trunk:
             self.trunk = FrozenTrunk.for_model(self.model, cfg.model.train_last_k_layers)
@@ -365,22 +368,22 @@ class Trainer:
     def _mini_batch_gradients(self, mini: Rollout, hidden, old_lp, ref_lp, adv, per_obj, stats
                               ) -> tuple[dict[str, float], torch.Tensor]:
         """Accumulate the mini-batch's gradient into ``.grad`` (micro-batch by micro-batch); also return the
-        forward's detached log-probs [mini, Tr] (π_old when the step is exactly on-policy)."""
+        forward's detached log-probs [mini, Tr] (π_old when the step is exactly on-policy).
+
+        The policy loss is that of the advantages ``adv``, or, for a gradient-level weighting, Σ_j w_j L_j over the
+        objectives' losses with the weights its ``combine`` chose from their gradients (``_objective_weights``):
+        on the chosen parameters the gradient is then the weighting's direction Σ_j w_j g_j, and on the others
+        the same combination of the objectives."""
         lc, mb = self.cfg.loss, self.cfg.optim.micro_batch_size
-        n_tok = float(mini.response_mask.sum().clamp(min=1))
-        n_seq = float(len(mini))
-        norm_len = self.cfg.rollout.max_new_tokens
-        agg = dict(mode=lc.loss_agg, norm_len=norm_len, num_tokens=n_tok, num_seqs=n_seq)
-        gradient_level = per_obj is not None
-        obj_grads = None
+        agg = dict(mode=lc.loss_agg, norm_len=self.cfg.rollout.max_new_tokens,
+                   num_tokens=float(mini.response_mask.sum().clamp(min=1)), num_seqs=float(len(mini)))
+        weights = None if per_obj is None else self._objective_weights(mini, hidden, old_lp, per_obj, stats, agg)
         forward_logprobs = []
         logs = {"policy": 0.0, "kl": 0.0, "clipfrac": 0.0, "clipfrac_lower": 0.0}
         # the embedding's gradient added on the rows used (engine/embedding_rows.py) and the linear layers' weight
-        # gradients accumulated in place (engine/linear_grads.py); gradient-level weightings take per-objective
-        # gradients with autograd.grad, which would see neither
-        embedding_rows = None if gradient_level else EmbeddingRowGradients.for_model(self.model)
-        linear_grads = None if gradient_level else LinearGradientsInPlace.for_model(self.model)
-        with embedding_rows or nullcontext(), linear_grads or nullcontext():
+        # gradients accumulated in place (engine/linear_grads.py)
+        embedding_rows = EmbeddingRowGradients.for_model(self.model)
+        with embedding_rows or nullcontext(), LinearGradientsInPlace.for_model(self.model) or nullcontext():
             for start in range(0, len(mini), mb):
                 sl = slice(start, start + mb)
                 m = mini.response_mask[sl].to(self.device)
@@ -389,58 +392,69 @@ class Trainer:
                                           grad=True, trunk_hidden=_rows(hidden, sl))
                 forward_logprobs.append(lp.detach().cpu())
                 old = lp.detach() if old_lp is None else old_lp[sl].to(self.device)
-                frac = float(m.sum()) / n_tok
                 kl = torch.zeros((), device=self.device)
                 if ref_lp is not None:
                     kl = aggregate(kl_penalty(lp, ref_lp[sl].to(self.device), lc.kl_estimator), m, "token-mean",
-                                   num_tokens=n_tok)
-                pl = policy_loss(lp, old, adv[sl].to(self.device), m, lc.clip_eps_low, lc.clip_eps_high,
-                                 lc.dual_clip)
-                pg = aggregate(pl.per_token, m, **agg)
-                if gradient_level:
-                    obj_grads = self._accumulate_objective_grads(obj_grads, lp, old, per_obj[sl], m, agg)
-                    (lc.kl_coef * kl).backward() if kl.requires_grad else None
+                                   num_tokens=agg["num_tokens"])
+                if weights is None:
+                    losses, parts = self._policy_losses(lp, old, adv[sl, None], m, agg)
+                    share = torch.ones(1)
                 else:
-                    (pg + lc.kl_coef * kl).backward()
-                    if embedding_rows is not None:
-                        embedding_rows.flush()
+                    losses, parts = self._policy_losses(lp, old, per_obj[sl], m, agg)
+                    share = weights.abs().cpu() / weights.abs().sum().clamp(min=1e-12).cpu()
+                pg = losses[0] if weights is None else sum(w * loss for w, loss in zip(weights, losses))
+                (pg + lc.kl_coef * kl).backward()
+                if embedding_rows is not None:
+                    embedding_rows.flush()
+                frac = float(m.sum()) / agg["num_tokens"]
                 logs["policy"] += float(pg.detach())
                 logs["kl"] += float(kl.detach())
-                logs["clipfrac"] += float(pl.clipfrac) * frac
-                logs["clipfrac_lower"] += float(pl.clipfrac_lower) * frac
-        if gradient_level:
-            self._write_combined_direction(obj_grads, stats)
+                logs["clipfrac"] += frac * sum(float(s * pl.clipfrac) for s, pl in zip(share, parts))
+                logs["clipfrac_lower"] += frac * sum(float(s * pl.clipfrac_lower) for s, pl in zip(share, parts))
         logs["total"] = logs["policy"] + lc.kl_coef * logs["kl"]
         return logs, torch.cat(forward_logprobs)
 
-    # gradient-level weightings: per-objective gradients G [M, P] over the trainable parameters, combined by the
-    # weighting into one direction that is added to ``.grad`` (which already holds the KL gradient).
-
-    def _accumulate_objective_grads(self, acc, lp, old, per_obj_adv, m, agg):
+    def _policy_losses(self, lp, old, advantages, m, agg) -> tuple[list[torch.Tensor], list]:
+        """One aggregated clipped policy loss per column of ``advantages`` [mb, K], and the ``policy_loss``
+        results (for the clip fractions)."""
         lc = self.cfg.loss
-        M = per_obj_adv.shape[1]
-        rows = []
-        for j in range(M):
-            pl = policy_loss(lp, old, per_obj_adv[:, j].float().to(self.device), m, lc.clip_eps_low,
-                             lc.clip_eps_high, lc.dual_clip)
-            loss_j = aggregate(pl.per_token, m, **agg)
-            grads = torch.autograd.grad(loss_j, self.params, retain_graph=True, allow_unused=True)
-            rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
-                                   for g, p in zip(grads, self.params)]))
-        g = torch.stack(rows)
-        return g if acc is None else acc + g
+        parts = [policy_loss(lp, old, advantages[:, j].float().to(self.device), m, lc.clip_eps_low,
+                             lc.clip_eps_high, lc.dual_clip) for j in range(advantages.shape[1])]
+        return [aggregate(pl.per_token, m, **agg) for pl in parts], parts
 
-    def _write_combined_direction(self, obj_grads: torch.Tensor, stats: StepStats) -> None:
-        # objectives' losses are minimized, so the ascent directions are −G; weightings work on ascent gradients.
-        direction = -self.weighting.combine(-obj_grads.double().cpu(), stats).to(obj_grads.dtype)
-        if not torch.isfinite(direction).all():
-            direction = torch.zeros_like(direction)
-        offset = 0
-        for p in self.params:
-            n = p.numel()
-            d = direction[offset:offset + n].view_as(p).to(p.device, p.dtype)
-            p.grad = d if p.grad is None else p.grad + d
-            offset += n
+    def _objective_weights(self, mini: Rollout, hidden, old_lp, per_obj, stats: StepStats, agg) -> torch.Tensor:
+        """First pass of a gradient-level update: the objectives' policy-loss gradients G = [g_1; …; g_M] on the
+        chosen parameters (``weighting.gradient_params``), summed over the mini-batch's micro-batches, go to the
+        weighting's ``combine``, which solves for the weights w of its direction Σ_j w_j g_j (every gradient-level
+        weighting reads G only through GGᵀ, so loss and objective gradients give the same w). The other trainable
+        parameters are frozen for this pass: its forward keeps no graph that only they need, and G is [M, P_chosen].
+        Returns w [M] on the device."""
+        chosen = self.objective_params
+        chosen_ids = {id(p) for p in chosen}
+        others = [p for p in self.params if id(p) not in chosen_ids]
+        grads = None
+        try:
+            for p in others:
+                p.requires_grad_(False)
+            for start in range(0, len(mini), self.cfg.optim.micro_batch_size):
+                sl = slice(start, start + self.cfg.optim.micro_batch_size)
+                m = mini.response_mask[sl].to(self.device)
+                lp = micro_batch_logprobs(self.model, mini.prompt_ids[sl], mini.prompt_mask[sl],
+                                          mini.response_ids[sl], mini.response_mask[sl], self.cfg.rollout.temperature,
+                                          grad=True, trunk_hidden=_rows(hidden, sl))
+                old = lp.detach() if old_lp is None else old_lp[sl].to(self.device)
+                losses, _ = self._policy_losses(lp, old, per_obj[sl], m, agg)
+                rows = []
+                for j, loss in enumerate(losses):
+                    g = torch.autograd.grad(loss, chosen, retain_graph=j + 1 < len(losses), allow_unused=True)
+                    rows.append(torch.cat([(gi if gi is not None else torch.zeros_like(p)).reshape(-1)
+                                           for gi, p in zip(g, chosen)]))
+                grads = torch.stack(rows) if grads is None else grads.add_(torch.stack(rows))
+        finally:
+            for p in others:
+                p.requires_grad_(True)
+        self.weighting.combine(grads, stats)
+        return self.weighting.weights.to(self.device, torch.float32)
 
     # ------------------------------------------------------------------------------------------ diagnostics
 

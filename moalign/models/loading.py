@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fnmatch
+
 import importlib.util
 import os
 import shutil
@@ -187,3 +189,18 @@ def prepare_trainable(model, cfg: "ModelConfig"):
             for p in norm.parameters():
                 p.requires_grad_(True)
     return model
+
+
+def select_parameters(model, patterns: list[str] | None) -> list:
+    """The trainable parameters whose names (``model.named_parameters()``) match one of the glob ``patterns``
+    (``fnmatch``, case-sensitive), in the model's order; every trainable parameter when ``patterns`` is None."""
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if patterns is None:
+        return [p for _, p in trainable]
+    chosen = [p for name, p in trainable if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)]
+    if not chosen:
+        names = [name for name, _ in trainable]
+        shown = ", ".join(names[:3] + (["...", names[-1]] if len(names) > 4 else names[3:]))
+        raise UserError(f"weighting.gradient_params {patterns} matches no trainable parameter; the trainable "
+                        f"parameters are named like: {shown}")
+    return chosen

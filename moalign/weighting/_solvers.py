@@ -254,7 +254,7 @@ class GradientWeighting(StatefulWeighting):
     """
 
     family = "gradient"
-    cost = "M−1 extra backward passes over the chosen parameters"
+    cost = "one extra forward and M backward passes on the chosen parameters (weighting.gradient_params)"
     state_fields: ClassVar[tuple[str, ...]] = ("_weights",)
 
     def __init__(self, objectives: Sequence[str], params=None, **kwargs: Any):

@@ -44,7 +44,7 @@ class CAGrad(GradientWeighting):
 
     name = "cagrad"
     description = "maximizes the worst objective's improvement within a ball around the mean gradient"
-    cost = "M−1 extra backward passes over the chosen parameters, plus one M-variable SLSQP solve"
+    cost = "one extra forward and M backward passes on the chosen parameters (weighting.gradient_params), plus one M-variable SLSQP solve"
 
     class Params(WeightingParams):
         c: float = Field(0.4, ge=0, description="radius of the ball around the mean gradient, in units of ‖g_0‖")

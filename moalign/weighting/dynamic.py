@@ -33,7 +33,7 @@ class DynamicReweighting(GradientWeighting):
 
     name = "dynamic"
     description = "mirror ascent on the weights by gradient influence s_i = Σ_j ⟨g_i, g_j⟩"
-    cost = "M−1 extra backward passes over the chosen parameters"
+    cost = "one extra forward and M backward passes on the chosen parameters (weighting.gradient_params)"
     state_fields = ("_weights", "log_weights", "influence_sum", "num_combines")
 
     class Params(WeightingParams):

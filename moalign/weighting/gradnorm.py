@@ -39,7 +39,7 @@ class GradNorm(GradientWeighting):
 
     name = "gradnorm"
     description = "weights move so w_j‖g_j‖ tracks the mean norm × (relative reward-deficit progress)^α"
-    cost = "M−1 extra backward passes over the chosen parameters"
+    cost = "one extra forward and M backward passes on the chosen parameters (weighting.gradient_params)"
     state_fields = ("_weights", "initial_deficits", "grad_norm_sum", "num_combines")
 
     class Params(WeightingParams):

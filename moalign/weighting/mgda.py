@@ -28,7 +28,7 @@ class MGDA(GradientWeighting):
 
     name = "mgda"
     description = "min-norm point of the convex hull of the per-objective gradients"
-    cost = "M−1 extra backward passes over the chosen parameters"
+    cost = "one extra forward and M backward passes on the chosen parameters (weighting.gradient_params)"
 
     class Params(WeightingParams):
         """MGDA has no hyperparameters."""

@@ -70,7 +70,7 @@ class NashMTL(GradientWeighting):
 
     name = "nash_mtl"
     description = "Nash bargaining weights α > 0 solving (GᵀG)α = 1/α"
-    cost = "M−1 extra backward passes over the chosen parameters, plus a Newton solve on the M×M Gram matrix"
+    cost = "one extra forward and M backward passes on the chosen parameters (weighting.gradient_params), plus a Newton solve on the M×M Gram matrix"
 
     class Params(WeightingParams):
         ridge: float = Field(1e-4, gt=0, description="ε added to the normalized Gram matrix so a solution exists")

@@ -30,7 +30,7 @@ class PCGrad(GradientWeighting):
 
     name = "pcgrad"
     description = "projects each gradient off the others it conflicts with (random order), then sums"
-    cost = "M−1 extra backward passes over the chosen parameters"
+    cost = "one extra forward and M backward passes on the chosen parameters (weighting.gradient_params)"
     state_fields = ("_weights", "rng_state")
 
     class Params(WeightingParams):

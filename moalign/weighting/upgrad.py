@@ -50,7 +50,7 @@ class UPGrad(GradientWeighting):
 
     name = "upgrad"
     description = "averages each gradient's projection onto the dual cone of all gradients (no conflicts)"
-    cost = "M−1 extra backward passes over the chosen parameters, plus M small QPs on the M×M Gram matrix"
+    cost = "one extra forward and M backward passes on the chosen parameters (weighting.gradient_params), plus M small QPs on the M×M Gram matrix"
 
     class Params(WeightingParams):
         preference: Optional[list[Annotated[float, Field(gt=0)]]] = Field(
