@@ -110,6 +110,33 @@ class EvalConfig(Section):
     test_at_end: bool = True
 
 
+def _closing_bracket(text: str) -> int:
+    """Index of the "]" that closes the "[" at index 0 (-1 if none)."""
+    depth = 0
+    for i, ch in enumerate(text):
+        depth += (ch == "[") - (ch == "]")
+        if depth == 0:
+            return i
+    return -1
+
+
+def split_patterns(text: str) -> list[str]:
+    """``"a, b[1,2]"`` → ``["a", "b[1,2]"]``; a list's outer brackets and quotes around items are dropped."""
+    text = text.strip()
+    if text.startswith("[") and _closing_bracket(text) == len(text) - 1:  # "[a, b]": a list, not a pattern
+        text = text[1:-1]
+    items, depth, current = [], 0, ""
+    for ch in text:
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            items.append(current)
+            current = ""
+        else:
+            current += ch
+    items.append(current)
+    return [item.strip().strip("'\"") for item in items if item.strip()]
+
+
 class NamedSection(BaseModel):
     """A section chosen by ``name`` whose other keys are that choice's parameters (validated against it)."""
 
@@ -130,8 +157,10 @@ class WeightingConfig(NamedSection):
 
     @field_validator("gradient_params", mode="before")
     @classmethod
-    def _one_pattern(cls, v):
-        return [v] if isinstance(v, str) else v
+    def _patterns(cls, v):
+        # a string is one pattern or several separated by commas; "[a.[89].*, b]" is what a command-line list
+        # whose glob brackets YAML could not parse arrives as (commas inside a pattern's [...] are kept)
+        return split_patterns(v) if isinstance(v, str) else v
 
     @model_validator(mode="after")
     def _check(self):

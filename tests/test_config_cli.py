@@ -109,3 +109,15 @@ def test_cli_algorithms_lists_every_weighting(capsys):
     for name in WEIGHTINGS.names():
         assert name in out
     assert "reward" in out and "gradient" in out
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("[model.layers.2[89].*, model.norm.*]", ["model.layers.2[89].*", "model.norm.*"]),  # YAML can't parse it
+    ("model.layers.2[8,9].*,lm_head.weight", ["model.layers.2[8,9].*", "lm_head.weight"]),  # a comma in [...] stays
+    ("'[m]odel.norm.weight'", ["[m]odel.norm.weight"]),  # quoted: one pattern that starts with a bracket
+    ("[lm_head.weight]", ["lm_head.weight"]),  # a YAML list
+])
+def test_gradient_params_from_the_command_line(raw, expected):
+    cfg = build_config(TrainConfig, {}, ["weighting=mgda", f"weighting.gradient_params={raw}"])
+    assert cfg.weighting.gradient_params == expected
+    assert cfg.weighting.params() == {}  # not a hyperparameter of the algorithm

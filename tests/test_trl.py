@@ -367,7 +367,9 @@ def test_train_with_trl_writes_the_native_run_directory_and_resumes(model_dir, t
 @pytest.mark.skipif(not hasattr(torch.distributed, "is_gloo_available") or not torch.distributed.is_gloo_available(),
                     reason="needs torch.distributed with gloo")
 def test_two_processes_hold_identical_weights(model_dir, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    scratch = tmp_path / "tmp"  # torchrun's own temporary folders (torchelastic_*) go there, not into /tmp
+    scratch.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TMPDIR": str(scratch)}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(REPO / "tests" / "trl_ddp_script.py"), str(model_dir), str(tmp_path / "run"), str(tmp_path)]
     done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=240)

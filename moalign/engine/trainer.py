@@ -432,7 +432,7 @@ class Trainer:
         chosen = self.objective_params
         chosen_ids = {id(p) for p in chosen}
         others = [p for p in self.params if id(p) not in chosen_ids]
-        grads = None
+        grads = torch.zeros(per_obj.shape[1], sum(p.numel() for p in chosen), device=self.device)
         try:
             for p in others:
                 p.requires_grad_(False)
@@ -444,12 +444,14 @@ class Trainer:
                                           grad=True, trunk_hidden=_rows(hidden, sl))
                 old = lp.detach() if old_lp is None else old_lp[sl].to(self.device)
                 losses, _ = self._policy_losses(lp, old, per_obj[sl], m, agg)
-                rows = []
                 for j, loss in enumerate(losses):
                     g = torch.autograd.grad(loss, chosen, retain_graph=j + 1 < len(losses), allow_unused=True)
-                    rows.append(torch.cat([(gi if gi is not None else torch.zeros_like(p)).reshape(-1)
-                                           for gi, p in zip(g, chosen)]))
-                grads = torch.stack(rows) if grads is None else grads.add_(torch.stack(rows))
+                    offset = 0
+                    for gi, p in zip(g, chosen):  # summed into G's row in place: no per-objective flat copies
+                        if gi is not None:
+                            grads[j, offset:offset + p.numel()].add_(gi.reshape(-1))
+                        offset += p.numel()
+                    del g
         finally:
             for p in others:
                 p.requires_grad_(True)
