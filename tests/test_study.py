@@ -148,6 +148,9 @@ def test_presets_validate_in_a_dry_run_without_loading_models(preset, tmp_path, 
         for r in runs:
             eps = 100 if r.config.estimator.name == "reinforce_pp" else 0.2
             assert r.config.loss.clip_eps_low == r.config.loss.clip_eps_high == eps
+            expected = ["model.layers.2[67].*", "model.norm.*"] if r.config.weighting.name in (
+                "dynamic", "mgda", "gradnorm", "nash_mtl") else None  # gradient-level: the top blocks only
+            assert r.config.weighting.gradient_params == expected
 
 
 def test_dry_run_reports_missing_data():
