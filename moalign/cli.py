@@ -73,16 +73,15 @@ def cmd_train(args) -> int:
         print_summary(json.loads((run_dir / "summary.json").read_text()), run_dir)
         _console().print(f"{run_dir} is already complete (it has summary.json): nothing to resume")
         return 0
+    if args.trl and cfg.engine != "trl":
+        raise UserError("--trl sets GRPOConfig fields, for engine=trl only")
     load_objectives_and_weighting(cfg)  # objective and weighting errors before a model loads or run_dir is touched
-    prepare_run_dir(run_dir, bool(args.resume), args.overwrite)
-    if cfg.engine == "trl":
-        from moalign.integrations.trl import train_with_trl
+    if cfg.engine == "trl":  # also under a launcher: every process runs this, the main one owns run_dir
+        from moalign.integrations.trl import train_from_cli
 
-        write_config(run_dir, cfg)
-        summary = train_with_trl(cfg, run_dir)
-    else:
-        summary = train_native(cfg, run_dir, resume=bool(args.resume))
-    print_summary(summary, run_dir)
+        return train_from_cli(cfg, args)
+    prepare_run_dir(run_dir, bool(args.resume), args.overwrite)
+    print_summary(train_native(cfg, run_dir, resume=bool(args.resume)), run_dir)
     return 0
 
 
@@ -230,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="YAML config file")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    t.add_argument("--trl", action="append", default=[], metavar="FIELD=VALUE",
+                   help="engine=trl: a further GRPOConfig field (e.g. --trl use_vllm=true); repeatable")
     t.set_defaults(func=cmd_train)
 
     a = sub.add_parser("algorithms", help="list the weighting algorithms")

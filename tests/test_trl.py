@@ -381,3 +381,35 @@ def test_two_processes_hold_identical_weights(model_dir, tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [0, 1, 2, 2]  # only the main process wrote
     assert lines[1]["ctwa/num_valid_w"] == 16  # CTWA's statistic saw both processes' 8 completions
+
+
+def test_moalign_train_under_a_launcher_lets_only_the_main_process_prepare_the_run(tmp_path, monkeypatch, capsys):
+    """``moalign train engine=trl`` (and ``python -m moalign.integrations.trl``) in every process of a launcher:
+    each trains, only rank 0 creates run_dir, writes config.yaml and prints the summary."""
+    import moalign.cli as cli
+    import moalign.integrations.trl as integration
+
+    calls, printed = [], []
+    monkeypatch.setattr(integration, "train_with_trl", lambda cfg, run_dir, trl: calls.append((cfg, run_dir, trl))
+                        or {"steps": 1})
+    monkeypatch.setattr(cli, "print_summary", lambda summary, run_dir: printed.append(summary))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    run = tmp_path / "run"
+    monkeypatch.setenv("RANK", "1")
+    assert cli.main(["train", "engine=trl", f"run_dir={run}", "--trl", "use_vllm=false"]) == 0
+    assert not run.exists() and not printed
+    cfg, run_dir, trl = calls[-1]
+    assert (cfg.engine, run_dir, trl) == ("trl", run, {"use_vllm": False})
+    monkeypatch.setenv("RANK", "0")
+    assert trl_main([f"run_dir={run}"]) == 0  # the module entry: the same path, engine=trl implied
+    assert (run / "config.yaml").is_file() and printed == [{"steps": 1}] and calls[-1][0].engine == "trl"
+    assert trl_main(["steps=1"]) == 2  # default run names hold a timestamp: processes would disagree
+    assert "every process must name the same run directory" in capsys.readouterr().err
+    assert len(calls) == 2
+
+
+def test_trl_fields_need_the_trl_engine(tmp_path, capsys):
+    from moalign.cli import main
+
+    assert main(["train", "model=tiny", f"run_dir={tmp_path / 'run'}", "--trl", "use_vllm=false"]) == 2
+    assert "for engine=trl only" in capsys.readouterr().err and not (tmp_path / "run").exists()

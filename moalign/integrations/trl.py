@@ -40,7 +40,6 @@ raise ``UserError``: see docs/scaling.md for which could fit (DDP, LoRA) and why
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -806,49 +805,36 @@ def export_model(trainer: MultiObjectiveGRPOTrainer, tokenizer: Any, run_dir: Pa
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    """``python -m moalign.integrations.trl [--config FILE | --resume RUN_DIR] [--overwrite] [--trl FIELD=VALUE ...]
-    key=value ...``: ``moalign train engine=trl`` for launchers (every process runs it; only the main one prepares
-    run_dir). ``--trl`` sets a further GRPOConfig field (e.g. ``--trl use_vllm=true``)."""
-    from moalign.cli import (
-        build_parser,
-        prepare_run_dir,
-        print_summary,
-        resolve_train_config,
-        write_config,
-    )
+def train_from_cli(cfg, args) -> int:
+    """``moalign train engine=trl``: in one process, or under a launcher (torchrun, accelerate launch), where every
+    process runs it and only the main one prepares run_dir and prints the summary. ``args.trl``: further
+    GRPOConfig fields as ``FIELD=VALUE`` (e.g. ``use_vllm=true``)."""
+    from moalign.cli import prepare_run_dir, print_summary, write_config
     from moalign.config import load_yaml, parse_overrides
-    from moalign.engine.trainer import load_objectives_and_weighting
 
-    trl_option = argparse.ArgumentParser(add_help=False)
-    trl_option.add_argument("--trl", action="append", default=[], metavar="FIELD=VALUE")
-    trl_args, words = trl_option.parse_known_args(sys.argv[1:] if argv is None else argv)
-    trl_fields = trl_args.trl
-    args, extra = build_parser().parse_known_args(["train", *words])
-    args.overrides = list(args.overrides) + extra
-    try:
-        trl_overrides = dict(parse_overrides(trl_fields))
-        check_trl_overrides(trl_overrides)
-        cfg = resolve_train_config(args).model_copy(update={"engine": "trl"})
-        named_run_dir = args.resume or any(o.startswith("run_dir=") for o in args.overrides) or (
-            args.config and load_yaml(args.config).get("run_dir"))
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not named_run_dir:  # default names hold a timestamp
-            raise UserError("under a launcher every process must name the same run directory: pass run_dir=...")
-        run_dir = Path(cfg.run_dir)
-        is_main = int(os.environ.get("RANK", "0")) == 0
-        load_objectives_and_weighting(cfg)  # objective and weighting errors before run_dir is touched
-        if is_main:
-            prepare_run_dir(run_dir, bool(args.resume), args.overwrite)
-            write_config(run_dir, cfg)
-        summary = train_with_trl(cfg, run_dir, trl_overrides)
-    except UserError as exc:
-        if args.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    trl_overrides = dict(parse_overrides(args.trl or []))
+    check_trl_overrides(trl_overrides)
+    named_run_dir = args.resume or any(o.startswith("run_dir=") for o in args.overrides) or (
+        args.config and load_yaml(args.config).get("run_dir"))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not named_run_dir:  # default names hold a timestamp
+        raise UserError("under a launcher every process must name the same run directory: pass run_dir=...")
+    run_dir = Path(cfg.run_dir)
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    if is_main:
+        prepare_run_dir(run_dir, bool(args.resume), args.overwrite)
+        write_config(run_dir, cfg)
+    summary = train_with_trl(cfg, run_dir, trl_overrides)
     if is_main:
         print_summary(summary, run_dir)
     return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``python -m moalign.integrations.trl ARGS`` = ``moalign train ARGS engine=trl`` (for launchers that take a
+    module: ``torchrun -m``, ``accelerate launch -m``)."""
+    from moalign.cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv), "engine=trl"])
 
 
 if __name__ == "__main__":
