@@ -253,3 +253,16 @@ def test_gradient_params_errors(tmp_path):
         tiny_config("weighting=ctwa", "weighting.gradient_params=[model.norm.*]")
     with pytest.raises(UserError, match="matches no trainable parameter.*model.embed_tokens.weight"):
         Trainer(tiny_config("weighting=mgda", "weighting.gradient_params=lm_head.bias"), tmp_path)
+
+
+def test_gradient_params_choose_lora_adapters(tmp_path):
+    """With LoRA the trainable names are PEFT's (base_model.model....lora_B.default.weight); a pattern picks a part
+    of the adapters and a step trains every adapter."""
+    t = Trainer(tiny_config("weighting=nash_mtl", "model.lora.r=4", "weighting.gradient_params=*lora_B*"), tmp_path)
+    names = {id(p): n for n, p in t.model.named_parameters()}
+    assert t.objective_params and all("lora_B" in names[id(p)] for p in t.objective_params)
+    assert any("lora_A" in names[id(p)] for p in t.params)
+    before = [p.detach().clone() for p in t.params]
+    record = t.step()
+    assert all(math.isfinite(record[f"weight/{o}"]) for o in t.objective_names)
+    assert all(not torch.equal(b, p) for b, p in zip(before, t.params) if "lora_B" in names[id(p)])
