@@ -45,7 +45,7 @@ from moalign.objectives import Sample  # noqa: E402
 from moalign.objectives.conciseness import Conciseness  # noqa: E402
 from moalign.rl.estimators import get_estimator  # noqa: E402
 from moalign.weighting import WEIGHTINGS, make_weighting  # noqa: E402
-from moalign.weighting.base import fill_missing  # noqa: E402
+from moalign.weighting.base import fill_missing, per_objective_advantages  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from trl_ddp_script import build_random_model, small_run_overrides  # noqa: E402
@@ -176,9 +176,9 @@ def test_metrics_use_native_names():
     assert record == {"loss/total": 1.0, "loss/kl": 0.1, "weight/acc": 0.5, "trl/entropy": 3.0}
 
 
-def test_gradient_level_weightings_are_refused_before_any_model_is_loaded():
-    with pytest.raises(UserError, match="gradient-level.*ctwa"):
-        MultiObjectiveGRPOTrainer(model=None, reward_funcs=[], weighting="mgda")
+def test_unknown_weightings_are_refused_before_any_model_is_loaded():
+    with pytest.raises(UserError, match="unknown weighting 'mgdaa'"):
+        MultiObjectiveGRPOTrainer(model=None, reward_funcs=[], weighting="mgdaa")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -232,7 +232,8 @@ class SnapshotAfterEachStep(TrainerCallback):
         self.states.append(copy.deepcopy(model.state_dict()))
 
 
-def make_trainer(model_dir: Path, dataset: Dataset, out: Path, weighting: str = "ctwa", **grpo) -> RecordingTrainer:
+def make_trainer(model_dir: Path, dataset: Dataset, out: Path, weighting: str = "ctwa", gradient_params=None,
+                 **grpo) -> RecordingTrainer:
     settings = dict(output_dir=str(out), use_cpu=True, bf16=False, activation_checkpointing=False, seed=0,
                     per_device_train_batch_size=8, num_generations=GROUP, max_completion_length=6, learning_rate=0.05,
                     beta=0.0, report_to="none", disable_tqdm=True, logging_steps=1, save_strategy="no")
@@ -240,7 +241,8 @@ def make_trainer(model_dir: Path, dataset: Dataset, out: Path, weighting: str = 
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     return RecordingTrainer(model=model, reward_funcs=[Conciseness(), vowels], args=args, train_dataset=dataset,
                             processing_class=AutoTokenizer.from_pretrained(model_dir), weighting=weighting,
-                            weighting_params={"lambda_lr": 0.5} if weighting == "ctwa" else None)
+                            weighting_params={"lambda_lr": 0.5} if weighting == "ctwa" else None,
+                            gradient_params=gradient_params)
 
 
 def reference_logprobs(model_dir: Path, state_dict, cycle: RolloutCycle) -> torch.Tensor:
@@ -307,6 +309,47 @@ def test_every_reward_and_advantage_level_weighting_trains(model_dir, dataset, t
     assert weights == pytest.approx(trainer.weighting.weights.tolist()) and all(map(math.isfinite, weights))
 
 
+def test_gradient_level_weighting_solves_on_the_batch_gradients_before_the_update(model_dir, dataset, tmp_path):
+    """MGDA on TRL: G is each objective's token-mean policy gradient on the chosen parameters under the policy that
+    sampled the batch (checked against autograd on a fresh copy of the initial model); the weights are MGDA's on
+    that G, and TRL trains on Σ_j w_j A_j."""
+    trainer = make_trainer(model_dir, dataset, tmp_path, weighting="mgda", gradient_params=["model.layers.1.mlp.*"],
+                           max_steps=1, loss_type="dapo")
+    seen = []
+    combine = trainer.weighting.combine
+    trainer.weighting.combine = lambda grads, stats: seen.append(grads.clone()) or combine(grads, stats)
+    trainer.train()
+    stats, cycle = trainer.stats[0], trainer.cycles[0]
+    names = [n for n, _ in AutoModelForCausalLM.from_pretrained(model_dir).named_parameters()
+             if n.startswith("model.layers.1.mlp.")]
+    assert len(seen) == 1 and len(names) == 3
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)  # the initial policy, which sampled the batch
+    chosen = [dict(model.named_parameters())[n] for n in names]
+    T = cycle.loss_mask.shape[1]
+    logits = model(input_ids=cycle.input_ids, attention_mask=cycle.attention_mask).logits[:, -T - 1:-1]
+    lp = logits.float().log_softmax(-1).gather(-1, cycle.input_ids[:, -T:, None]).squeeze(-1)
+    mask = cycle.loss_mask.float()
+    per_obj = per_objective_advantages(stats.rewards, stats.group_ids, get_estimator("grpo"), stats.response_mask)
+    rows = []
+    for j in range(2):
+        loss = -(per_obj[:, j, None].float() * lp * mask).sum() / mask.sum()
+        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, chosen, retain_graph=True)]))
+    torch.testing.assert_close(seen[0], torch.stack(rows), rtol=1e-4, atol=1e-7)
+    fresh = make_weighting("mgda", ["conciseness", "vowels"])
+    fresh.combine(torch.stack(rows), stats)
+    torch.testing.assert_close(trainer.weighting.weights, fresh.weights, rtol=1e-4, atol=1e-6)
+    expected = per_obj.double() @ trainer.weighting.weights
+    torch.testing.assert_close(stats.advantages, expected.float(), rtol=1e-5, atol=1e-6)
+    assert trainer.state.log_history[-2]["weight/vowels"] == pytest.approx(float(trainer.weighting.weights[1]))
+    assert all(p.requires_grad for p in trainer.model.parameters())  # the first pass's freeze is undone
+
+
+def test_gradient_params_need_a_gradient_level_weighting(model_dir, dataset, tmp_path):
+    with pytest.raises(UserError, match="gradient-level weightings only"):
+        make_trainer(model_dir, dataset, tmp_path, weighting="linear", gradient_params=["model.*"])
+
+
 def test_with_ppo_epochs_ctwa_reads_the_last_epochs_clipped_ratio(model_dir, dataset, tmp_path):
     trainer = make_trainer(model_dir, dataset, tmp_path, max_steps=2, num_iterations=2)
     assert trainer.post_update_forward is False
@@ -364,23 +407,33 @@ def test_train_with_trl_writes_the_native_run_directory_and_resumes(model_dir, t
     assert longer["steps"] == 3
 
 
+# nash_mtl: G all-reduced over the processes before each solves its weights on it (two objectives that vary on a
+# random model, so that neither gradient is 0 and the weights depend on G)
+NASH_MTL = ["weighting=nash_mtl", "weighting.gradient_params=[model.layers.1.*]",
+            "objectives=['trl_ddp_script:vowel_fraction', 'trl_ddp_script:space_fraction']"]
+
+
 @pytest.mark.skipif(not hasattr(torch.distributed, "is_gloo_available") or not torch.distributed.is_gloo_available(),
                     reason="needs torch.distributed with gloo")
-def test_two_processes_hold_identical_weights(model_dir, tmp_path):
+@pytest.mark.parametrize("extra", [[], NASH_MTL], ids=["ctwa", "nash_mtl"])
+def test_two_processes_hold_identical_weights(model_dir, tmp_path, extra):
     scratch = tmp_path / "tmp"  # torchrun's own temporary folders (torchelastic_*) go there, not into /tmp
     scratch.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TMPDIR": str(scratch)}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(REPO / "tests" / "trl_ddp_script.py"), str(model_dir), str(tmp_path / "run"), str(tmp_path)]
+               str(REPO / "tests" / "trl_ddp_script.py"), str(model_dir), str(tmp_path / "run"), str(tmp_path), *extra]
     done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     weights = [json.loads((tmp_path / f"weights_rank{r}.json").read_text()) for r in (0, 1)]
-    assert weights[0] == weights[1]
-    values = list(weights[0].values())
+    assert weights[0]["final"] == weights[1]["final"]
+    values = list(weights[0]["final"].values())
     assert all(math.isfinite(v) for v in values) and any(v != 0.5 for v in values)  # moved from uniform 1/M
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [0, 1, 2, 2]  # only the main process wrote
-    assert lines[1]["ctwa/num_valid_w"] == 16  # CTWA's statistic saw both processes' 8 completions
+    if not extra:
+        assert lines[1]["ctwa/num_valid_w"] == 16  # CTWA's statistic saw both processes' 8 completions
+    else:  # each step's weights, solved separately by each process on the all-reduced G, agree exactly
+        assert len(weights[0]["solved"]) == 2 and weights[0]["solved"] == weights[1]["solved"]
 
 
 def test_moalign_train_under_a_launcher_lets_only_the_main_process_prepare_the_run(tmp_path, monkeypatch, capsys):

@@ -1,9 +1,10 @@
 """Support for tests/test_trl.py: a tiny random Llama with a locally trained tokenizer, a user objective, the test
 config, and — run as a script under ``torchrun --nproc_per_node 2`` — one process of a 2-process CPU (gloo) run.
 
-    torchrun --nproc_per_node 2 tests/trl_ddp_script.py MODEL_DIR RUN_DIR OUT_DIR
+    torchrun --nproc_per_node 2 tests/trl_ddp_script.py MODEL_DIR RUN_DIR OUT_DIR [KEY=VALUE ...]
 
-Each process runs ``train_with_trl`` and writes its final weights to ``OUT_DIR/weights_rank<R>.json``.
+Each process runs ``train_with_trl`` and writes its final weights (and a gradient-level weighting's weights as it
+solved them each step) to ``OUT_DIR/weights_rank<R>.json``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ def vowel_fraction(prompt: str, completion: str, answer: str) -> float:
     """A user objective whose value varies even on a random model's output: the fraction of vowels."""
     letters = [c for c in completion.lower() if c.isalpha()]
     return sum(c in "aeiou" for c in letters) / len(letters) if letters else 0.0
+
+
+def space_fraction(prompt: str, completion: str, answer: str) -> float:
+    """A second varying user objective: the fraction of spaces (so that no objective's gradient is 0)."""
+    return completion.count(" ") / len(completion) if completion else 0.0
 
 
 def build_random_model(folder: Path, corpus: list[str], seed: int = 0) -> Path:
@@ -69,13 +75,23 @@ def small_run_overrides(model_dir: Path, run_dir: Path) -> list[str]:
 def main() -> None:
     torch.set_num_threads(1)
     from moalign.config import TrainConfig, build_config
-    from moalign.integrations.trl import train_with_trl
+    from moalign.integrations.trl import MultiObjectiveGRPOTrainer, train_with_trl
 
     model_dir, run_dir, out_dir = map(Path, sys.argv[1:4])
-    cfg = build_config(TrainConfig, {}, small_run_overrides(model_dir, run_dir))
+    overrides = small_run_overrides(model_dir, run_dir) + sys.argv[4:]  # e.g. weighting=mgda (later ones win)
+    cfg = build_config(TrainConfig, {}, overrides)
+    solved = []  # a gradient-level weighting's weights as each process solves them, before any broadcast
+    solve = MultiObjectiveGRPOTrainer._solve_objective_weights
+
+    def recording_solve(self, *args):
+        solve(self, *args)
+        solved.append(self.weighting.weights.tolist())
+
+    MultiObjectiveGRPOTrainer._solve_objective_weights = recording_solve
     summary = train_with_trl(cfg, run_dir)
     rank = int(os.environ["RANK"])
-    (out_dir / f"weights_rank{rank}.json").write_text(json.dumps(summary["final_weights"]))
+    (out_dir / f"weights_rank{rank}.json").write_text(json.dumps({"final": summary["final_weights"],
+                                                                  "solved": solved}))
 
 
 if __name__ == "__main__":

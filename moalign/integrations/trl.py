@@ -3,7 +3,7 @@
 Two entry points:
 
 * ``MultiObjectiveGRPOTrainer`` — a drop-in ``trl.GRPOTrainer`` whose advantages come from a moalign weighting
-  (reward- or advantage-level: linear, tchebycheff, smooth_tchebycheff, ctwa, gdpo, lagrangian, pama, famo)
+  (any of ``moalign algorithms``: reward- and advantage-level ones such as ctwa, gradient-level ones such as mgda)
   instead of TRL's fixed ``reward_weights`` sum. Reward functions are TRL's (any callable) and/or moalign
   ``Objective`` objects. Everything else — accelerate, DDP, DeepSpeed, FSDP, vLLM, PEFT — is TRL's.
 * ``train_with_trl(cfg, run_dir)`` — ``moalign train engine=trl``: the same ``TrainConfig`` run through TRL, writing
@@ -34,8 +34,15 @@ is skipped (``post_update_forward=True`` forces it). π_old is TRL's ``old_per_t
 else — on-policy, one optimizer step per cycle — the log-probs of the first loss forward, which equal them.
 
 Objective state (conciseness's running mean length) must not differ between processes: a moalign objective observes
-the samples of *all* processes (gathered) and scores only its own. Gradient-level weightings (mgda, nash_mtl, ...)
-raise ``UserError``: see docs/scaling.md for which could fit (DDP, LoRA) and why the others do not.
+the samples of *all* processes (gathered) and scores only its own.
+
+Gradient-level weightings (mgda, nash_mtl, ...) run with one process or DDP (not DeepSpeed or FSDP, which shard
+gradients): right after generation, each process takes the objectives' policy-gradient losses on its rows (TRL's
+loss normalization, at π = π_old), their gradients on the chosen parameters (``gradient_params``), sums them over
+processes (all-reduce), and the weighting's ``combine`` reads its weights w off the summed G, identical everywhere.
+TRL's loss then trains on the advantages Σ_j w_j A_j: at π = π_old its gradient is Σ_j w_j ∇L_j, the weighting's
+direction on the chosen parameters and the same combination elsewhere (exact for the first optimizer step of a
+generation batch; later ones, with several mini-batches or PPO epochs, clip the combined advantage).
 """
 
 from __future__ import annotations
@@ -73,11 +80,12 @@ from moalign.engine.memory import trim_heap_if_large
 from moalign.engine.metrics import MetricsWriter, read_metrics
 from moalign.engine.rollout import generate
 from moalign.errors import UserError
-from moalign.models import chat_messages, system_prompt_for
+from moalign.models import chat_messages, select_parameters, system_prompt_for
 from moalign.objectives import Objective, ScoringBatch
 from moalign.rl.estimators import get_estimator
+from moalign.rl.loss import aggregate
 from moalign.weighting import WEIGHTINGS, StepStats, Weighting, make_weighting
-from moalign.weighting.base import Estimator, fill_missing
+from moalign.weighting.base import Estimator, fill_missing, per_objective_advantages
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +93,10 @@ TRL_VERSION = "1.16.0"  # the hooks below were read against this release
 STATE_FILE = "moalign_state.pt"  # weighting + objective state, inside each TRL checkpoint folder
 RUN_FILE = "moalign_run.json"  # train_with_trl: length of metrics.jsonl at the checkpoint
 SAMPLE_INDEX = "moalign_sample_index"  # per-row key added to TRL's batch: the row's index in the gathered batch
-SUPPORTED_FAMILIES = ("reward", "advantage")
+# TRL loss_type → the moalign aggregation with its normalization (the gradient-level first pass uses it)
+TRL_AGGREGATION = {"dapo": "token-mean", "bnpo": "token-mean", "cispo": "token-mean", "vespo": "token-mean",
+                   "grpo": "seq-mean-token-mean", "sapo": "seq-mean-token-mean", "dr_grpo": "seq-mean-token-sum-norm",
+                   "luspo": "seq-mean-token-sum"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -258,8 +269,11 @@ class MultiObjectiveGRPOTrainer(GRPOTrainer):
 
     * ``reward_funcs`` — one per objective: TRL reward functions and/or moalign ``Objective`` objects (wrapped in
       ``ObjectiveReward``); objective names are TRL's reward function names and must be distinct.
-    * ``weighting`` — a name from ``moalign algorithms`` (reward- or advantage-level) or a ``Weighting`` built for
-      those names; ``weighting_params`` are its hyperparameters when given by name.
+    * ``weighting`` — a name from ``moalign algorithms`` or a ``Weighting`` built for those names;
+      ``weighting_params`` are its hyperparameters when given by name. Gradient-level ones need one process or DDP
+      (module docstring).
+    * ``gradient_params`` — gradient-level weightings: glob patterns over the trainable parameters' names on which
+      the per-objective gradients are taken (default: every trainable parameter).
     * ``estimator`` — moalign advantage estimator (name or callable); default from ``args.scale_rewards``.
     * ``post_update_forward`` — how CTWA gets post-update log-probs (module docstring); default: a forward iff
       ``num_iterations == 1``.
@@ -271,9 +285,9 @@ class MultiObjectiveGRPOTrainer(GRPOTrainer):
     def __init__(self, model: Any, reward_funcs: Any, args: Optional[GRPOConfig] = None, *,
                  weighting: Union[str, Weighting] = "ctwa", weighting_params: Optional[dict[str, Any]] = None,
                  estimator: Union[str, Estimator, None] = None, post_update_forward: Optional[bool] = None,
-                 **kwargs: Any):
+                 gradient_params: Optional[list[str]] = None, **kwargs: Any):
         if isinstance(weighting, str):
-            _check_family(weighting, WEIGHTINGS.get(weighting).family)
+            WEIGHTINGS.get(weighting)  # an unknown name is an error before any model is loaded
         if trl.__version__ != TRL_VERSION:
             logger.warning("moalign's TRL integration was written against trl==%s, this is trl==%s: it relies on "
                            "private GRPOTrainer methods; run tests/test_trl.py", TRL_VERSION, trl.__version__)
@@ -283,6 +297,7 @@ class MultiObjectiveGRPOTrainer(GRPOTrainer):
         self.objective_names = list(self.reward_func_names)
         self._check_trl_setup()
         self.weighting = self._build_weighting(weighting, weighting_params or {})
+        self.objective_params = self._objective_parameters(gradient_params)  # gradient-level: G is taken on these
         self.estimator = resolve_estimator(estimator, self.scale_rewards)
         self.post_update_forward = self.num_iterations == 1 if post_update_forward is None else post_update_forward
         self.objective_rewards = [f for f in self.reward_funcs if isinstance(f, ObjectiveReward)]
@@ -327,11 +342,25 @@ class MultiObjectiveGRPOTrainer(GRPOTrainer):
             if list(built.objectives) != self.objective_names:
                 raise UserError(f"the weighting was built for objectives {built.objectives} but the reward functions "
                                 f"are {self.objective_names} (same names, same order)")
-        _check_family(built.name, built.family)
         if built.needs_post_update_logprobs and self._is_vlm:
             raise UserError(f"weighting {built.name!r} needs post-update log-probs, which this integration computes "
                             f"for text-only models; use a reward-level weighting without it (e.g. linear)")
         return built
+
+    def _objective_parameters(self, patterns: Optional[list[str]]) -> list[torch.nn.Parameter]:
+        if self.weighting.family != "gradient":
+            if patterns is not None:
+                raise UserError(f"gradient_params applies to gradient-level weightings only; {self.weighting.name!r} "
+                                f"is {self.weighting.family}-level")
+            return []
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            raise UserError(f"weighting {self.weighting.name!r} is gradient-level: it needs each objective's whole "
+                            f"gradient, which DeepSpeed and FSDP shard; run it on one process or with DDP "
+                            f"(accelerate launch --multi_gpu, torchrun), docs/scaling.md")
+        if self._is_vlm:
+            raise UserError(f"weighting {self.weighting.name!r} is gradient-level, which this integration runs for "
+                            f"text-only models")
+        return select_parameters(self.accelerator.unwrap_model(self.model), patterns)
 
     # ---- TRL hooks
 
@@ -352,9 +381,11 @@ class MultiObjectiveGRPOTrainer(GRPOTrainer):
         if "tool_mask" in output:  # multi-turn tool calls: tool output tokens are not trained on
             loss_mask = loss_mask * output["tool_mask"]
         response_mask = gather(pad_across_processes(loss_mask.float(), dim=1)).cpu()
+        rows, first_row = loss_mask.shape[0], self.accelerator.process_index * loss_mask.shape[0]
+        if self.weighting.family == "gradient":  # its weights for this batch, before its advantages are taken
+            self._solve_objective_weights(output, loss_mask, rewards, group_ids, response_mask, first_row)
         scores, advantages = self._scalarize(rewards, group_ids, response_mask)
 
-        rows, first_row = loss_mask.shape[0], self.accelerator.process_index * loss_mask.shape[0]
         device = loss_mask.device
         output["advantages"] = advantages[first_row:first_row + rows].to(device=device, dtype=torch.float32)
         output[SAMPLE_INDEX] = torch.arange(first_row, first_row + rows, device=device)
@@ -373,9 +404,55 @@ class MultiObjectiveGRPOTrainer(GRPOTrainer):
         advantages = w.advantages(rewards, group_ids, self.estimator, response_mask).float()
         if w.family == "reward":
             scores = w.scalarize(rewards, group_ids).float()
-        else:  # advantage-level: the score is only logged
+        else:  # advantage- and gradient-level: the score is only logged
             scores = (fill_missing(rewards).double() @ w.weights.double()).float()
         return scores, advantages
+
+    def _solve_objective_weights(self, output: dict[str, Any], loss_mask: torch.Tensor, rewards: torch.Tensor,
+                                 group_ids: torch.Tensor, response_mask: torch.Tensor, first_row: int) -> None:
+        """A gradient-level weighting's first pass (the native engine's ``Trainer._objective_weights``): the
+        objectives' losses L_j = agg(−ρ · A_j) on this process's rows, with ρ = π/π.detach() (= 1, with the policy
+        gradient's derivative) and TRL's normalization over the whole generation batch; their gradients on the
+        chosen parameters, the other trainable ones frozen for the pass; G summed over processes; ``combine``."""
+        per_objective = per_objective_advantages(rewards, group_ids, self.estimator, response_mask)  # [B, M]
+        rows, device = loss_mask.shape[0], loss_mask.device
+        local = per_objective[first_row:first_row + rows].to(device, torch.float32)
+        agg = dict(mode=TRL_AGGREGATION.get(self.loss_type, "token-mean"), norm_len=self.max_completion_length,
+                   num_tokens=float(response_mask.sum().clamp(min=1)), num_seqs=float(response_mask.shape[0]))
+        model = self.accelerator.unwrap_model(self.model)
+        chosen, num_objectives = self.objective_params, local.shape[1]
+        chosen_ids = {id(p) for p in chosen}
+        others = [p for p in model.parameters() if p.requires_grad and id(p) not in chosen_ids]
+        grads = torch.zeros(num_objectives, sum(p.numel() for p in chosen), device=device)
+        input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
+        attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
+        batch = self.args.per_device_train_batch_size
+        try:
+            for p in others:
+                p.requires_grad_(False)
+            with disable_gradient_checkpointing(model, self.args.gradient_checkpointing_kwargs):
+                for start in range(0, rows, batch):
+                    sl = slice(start, start + batch)
+                    logprobs, _, _ = self._get_per_token_logps_and_entropies(
+                        model, input_ids[sl], attention_mask[sl], loss_mask.shape[1])
+                    ratio = torch.exp(logprobs - logprobs.detach())
+                    mask = loss_mask[sl].float()
+                    for j in range(num_objectives):
+                        loss = aggregate(-ratio * local[sl, j, None], mask, **agg)
+                        g = torch.autograd.grad(loss, chosen, retain_graph=j + 1 < num_objectives, allow_unused=True)
+                        offset = 0
+                        for gi, p in zip(g, chosen):
+                            if gi is not None:
+                                grads[j, offset:offset + p.numel()].add_(gi.reshape(-1).to(grads.dtype))
+                            offset += p.numel()
+        finally:
+            for p in others:
+                p.requires_grad_(True)
+        grads = self.accelerator.reduce(grads, reduction="sum")
+        batch_size = rewards.shape[0]
+        stats = StepStats(self.weighting_updates, rewards, group_ids, torch.zeros(batch_size), torch.zeros(batch_size),
+                          response_mask, torch.zeros_like(response_mask))  # combine reads rewards (GradNorm)
+        self.weighting.combine(grads, stats)
 
     def _compute_loss(self, model, inputs):
         if self._cycle is None or not self.model.training:
@@ -473,14 +550,6 @@ class MultiObjectiveGRPOTrainer(GRPOTrainer):
         self.weighting_updates = int(state["weighting_updates"])
         for reward in self.objective_rewards:
             reward.objective.load_state_dict(state["objectives"].get(reward.objective.name, {}))
-
-
-def _check_family(name: str, family: str) -> None:
-    if family not in SUPPORTED_FAMILIES:
-        supported = ", ".join(n for n, cls in WEIGHTINGS.items() if cls.family in SUPPORTED_FAMILIES)
-        raise UserError(f"weighting {name!r} is gradient-level (it combines per-objective policy gradients inside the "
-                        f"optimizer step), which the TRL integration does not support; TRL-compatible weightings: "
-                        f"{supported}. Run {name} with the native engine (engine=native); see docs/scaling.md")
 
 
 class WeightingCallback(TrainerCallback):
@@ -700,7 +769,6 @@ def train_with_trl(cfg: TrainConfig, run_dir: Union[str, Path],
     from moalign.engine.trainer import resolve_device, seed_everything
 
     run_dir, wall_start = Path(run_dir), time.perf_counter()
-    _check_family(cfg.weighting.name, WEIGHTINGS.get(cfg.weighting.name).family)  # before loading anything
     use_cpu = resolve_device(cfg.device).type == "cpu"
     plan = plan_trl_run(cfg, run_dir / "checkpoints", int(os.environ.get("WORLD_SIZE", "1")), use_cpu)
     plan.override(trl_overrides or {})
@@ -718,7 +786,7 @@ def train_with_trl(cfg: TrainConfig, run_dir: Union[str, Path],
     trainer = MultiObjectiveGRPOTrainer(model=inputs.model, reward_funcs=inputs.objectives, args=args,
                                         train_dataset=inputs.train_dataset(), processing_class=inputs.tokenizer,
                                         weighting=cfg.weighting.name, weighting_params=cfg.weighting.params(),
-                                        estimator=cfg.estimator.name)
+                                        estimator=cfg.estimator.name, gradient_params=cfg.weighting.gradient_params)
     if not cfg.log.progress:
         trainer.remove_callback(PrinterCallback)  # HF prints every log dict when its progress bar is off
     sharded = trainer.is_fsdp_enabled or (trainer.is_deepspeed_enabled
