@@ -309,12 +309,14 @@ def test_every_reward_and_advantage_level_weighting_trains(model_dir, dataset, t
     assert weights == pytest.approx(trainer.weighting.weights.tolist()) and all(map(math.isfinite, weights))
 
 
-def test_gradient_level_weighting_solves_on_the_batch_gradients_before_the_update(model_dir, dataset, tmp_path):
-    """MGDA on TRL: G is each objective's token-mean policy gradient on the chosen parameters under the policy that
-    sampled the batch (checked against autograd on a fresh copy of the initial model); the weights are MGDA's on
-    that G, and TRL trains on Σ_j w_j A_j."""
+@pytest.mark.parametrize("loss_type, level", [("dapo", "token"), ("grpo", "sequence")])
+def test_gradient_level_weighting_solves_on_the_batch_gradients_before_the_update(model_dir, dataset, tmp_path,
+                                                                                   loss_type, level):
+    """MGDA on TRL: G is each objective's policy gradient on the chosen parameters, normalized as TRL's loss, under
+    the policy that sampled the batch (checked against autograd on a fresh copy of the initial model); the weights
+    are MGDA's on that G, and TRL trains on Σ_j w_j A_j."""
     trainer = make_trainer(model_dir, dataset, tmp_path, weighting="mgda", gradient_params=["model.layers.1.mlp.*"],
-                           max_steps=1, loss_type="dapo")
+                           max_steps=1, loss_type=loss_type, importance_sampling_level=level)
     seen = []
     combine = trainer.weighting.combine
     trainer.weighting.combine = lambda grads, stats: seen.append(grads.clone()) or combine(grads, stats)
@@ -333,7 +335,10 @@ def test_gradient_level_weighting_solves_on_the_batch_gradients_before_the_updat
     per_obj = per_objective_advantages(stats.rewards, stats.group_ids, get_estimator("grpo"), stats.response_mask)
     rows = []
     for j in range(2):
-        loss = -(per_obj[:, j, None].float() * lp * mask).sum() / mask.sum()
+        if level == "token":  # dapo: Σ over every token / the batch's token count
+            loss = -(per_obj[:, j, None].float() * lp * mask).sum() / mask.sum()
+        else:  # grpo with one ratio per sequence: its log is the sequence's mean log-prob; mean over sequences
+            loss = -(per_obj[:, j].float() * (lp * mask).sum(-1) / mask.sum(-1)).mean()
         rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, chosen, retain_graph=True)]))
     torch.testing.assert_close(seen[0], torch.stack(rows), rtol=1e-4, atol=1e-7)
     fresh = make_weighting("mgda", ["conciseness", "vowels"])
