@@ -38,6 +38,7 @@ from moalign.diagnostics.covariance import carries_signal
 from moalign.diagnostics.law import LawMonitor
 from moalign.diagnostics.pl import PLEstimator
 from moalign.engine import checkpoint as ckpt
+from moalign.engine import objective_gradients
 from moalign.engine import rollout as hf_rollout
 from moalign.engine.embedding_rows import EmbeddingRowGradients
 from moalign.engine.evaluation import (
@@ -429,32 +430,18 @@ class Trainer:
         weighting reads G only through GGᵀ, so loss and objective gradients give the same w). The other trainable
         parameters are frozen for this pass: its forward keeps no graph that only they need, and G is [M, P_chosen].
         Returns w [M] on the device."""
-        chosen = self.objective_params
-        chosen_ids = {id(p) for p in chosen}
-        others = [p for p in self.params if id(p) not in chosen_ids]
-        grads = torch.zeros(per_obj.shape[1], sum(p.numel() for p in chosen), device=self.device)
-        try:
-            for p in others:
-                p.requires_grad_(False)
-            for start in range(0, len(mini), self.cfg.optim.micro_batch_size):
-                sl = slice(start, start + self.cfg.optim.micro_batch_size)
+        mb = self.cfg.optim.micro_batch_size
+        grads = objective_gradients.gradient_matrix(per_obj.shape[1], self.objective_params, self.device)
+        with objective_gradients.only_chosen_require_grad(self.params, self.objective_params):
+            for start in range(0, len(mini), mb):
+                sl = slice(start, start + mb)
                 m = mini.response_mask[sl].to(self.device)
                 lp = micro_batch_logprobs(self.model, mini.prompt_ids[sl], mini.prompt_mask[sl],
                                           mini.response_ids[sl], mini.response_mask[sl], self.cfg.rollout.temperature,
                                           grad=True, trunk_hidden=_rows(hidden, sl))
                 old = lp.detach() if old_lp is None else old_lp[sl].to(self.device)
                 losses, _ = self._policy_losses(lp, old, per_obj[sl], m, agg)
-                for j, loss in enumerate(losses):
-                    g = torch.autograd.grad(loss, chosen, retain_graph=j + 1 < len(losses), allow_unused=True)
-                    offset = 0
-                    for gi, p in zip(g, chosen):  # summed into G's row in place: no per-objective flat copies
-                        if gi is not None:
-                            grads[j, offset:offset + p.numel()].add_(gi.reshape(-1))
-                        offset += p.numel()
-                    del g
-        finally:
-            for p in others:
-                p.requires_grad_(True)
+                objective_gradients.accumulate(grads, losses, self.objective_params)
         self.weighting.combine(grads, stats)
         return self.weighting.weights.to(self.device, torch.float32)
 

@@ -74,6 +74,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from moalign.cli import write_summary
 from moalign.config import TrainConfig
 from moalign.diagnostics.covariance import carries_signal
+from moalign.engine import objective_gradients
 from moalign.engine.checkpoint import atomic_torch_save, load_checkpoint
 from moalign.engine.evaluation import encode_prompts, eval_change_table, evaluate_split
 from moalign.engine.memory import trim_heap_if_large
@@ -421,37 +422,24 @@ class MultiObjectiveGRPOTrainer(GRPOTrainer):
         agg = dict(mode=TRL_AGGREGATION.get(self.loss_type, "token-mean"), norm_len=self.max_completion_length,
                    num_tokens=float(response_mask.sum().clamp(min=1)), num_seqs=float(response_mask.shape[0]))
         model = self.accelerator.unwrap_model(self.model)
-        chosen, num_objectives = self.objective_params, local.shape[1]
-        chosen_ids = {id(p) for p in chosen}
-        others = [p for p in model.parameters() if p.requires_grad and id(p) not in chosen_ids]
-        grads = torch.zeros(num_objectives, sum(p.numel() for p in chosen), device=device)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        grads = objective_gradients.gradient_matrix(local.shape[1], self.objective_params, device)
         input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
         attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
         batch = self.args.per_device_train_batch_size
-        try:
-            for p in others:
-                p.requires_grad_(False)
-            with disable_gradient_checkpointing(model, self.args.gradient_checkpointing_kwargs):
-                for start in range(0, rows, batch):
-                    sl = slice(start, start + batch)
-                    logprobs, _, _ = self._get_per_token_logps_and_entropies(
-                        model, input_ids[sl], attention_mask[sl], loss_mask.shape[1])
-                    mask = loss_mask[sl].float()
-                    log_ratio = logprobs - logprobs.detach()
-                    if self.importance_sampling_level == "sequence":  # GSPO-style: one ratio per sequence, as TRL
-                        log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
-                    ratio = torch.exp(log_ratio)
-                    for j in range(num_objectives):
-                        loss = aggregate(-ratio * local[sl, j, None], mask, **agg)
-                        g = torch.autograd.grad(loss, chosen, retain_graph=j + 1 < num_objectives, allow_unused=True)
-                        offset = 0
-                        for gi, p in zip(g, chosen):
-                            if gi is not None:
-                                grads[j, offset:offset + p.numel()].add_(gi.reshape(-1).to(grads.dtype))
-                            offset += p.numel()
-        finally:
-            for p in others:
-                p.requires_grad_(True)
+        with objective_gradients.only_chosen_require_grad(trainable, self.objective_params), \
+                disable_gradient_checkpointing(model, self.args.gradient_checkpointing_kwargs):
+            for start in range(0, rows, batch):
+                sl = slice(start, start + batch)
+                logprobs, _, _ = self._get_per_token_logps_and_entropies(
+                    model, input_ids[sl], attention_mask[sl], loss_mask.shape[1])
+                mask = loss_mask[sl].float()
+                log_ratio = logprobs - logprobs.detach()
+                if self.importance_sampling_level == "sequence":  # GSPO-style: one ratio per sequence, as TRL
+                    log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+                ratio = torch.exp(log_ratio)
+                losses = [aggregate(-ratio * local[sl, j, None], mask, **agg) for j in range(local.shape[1])]
+                objective_gradients.accumulate(grads, losses, self.objective_params)
         grads = self.accelerator.reduce(grads, reduction="sum")
         batch_size = rewards.shape[0]
         stats = StepStats(self.weighting_updates, rewards, group_ids, torch.zeros(batch_size), torch.zeros(batch_size),
