@@ -375,7 +375,7 @@ class Trainer:
         objectives' losses with the weights its ``combine`` chose from their gradients (``_objective_weights``):
         on the chosen parameters the gradient is then the weighting's direction Σ_j w_j g_j, and on the others
         the same combination of the objectives."""
-        lc, mb = self.cfg.loss, self.cfg.optim.micro_batch_size
+        lc = self.cfg.loss
         agg = dict(mode=lc.loss_agg, norm_len=self.cfg.rollout.max_new_tokens,
                    num_tokens=float(mini.response_mask.sum().clamp(min=1)), num_seqs=float(len(mini)))
         weights = None if per_obj is None else self._objective_weights(mini, hidden, old_lp, per_obj, stats, agg)
@@ -385,12 +385,7 @@ class Trainer:
         # gradients accumulated in place (engine/linear_grads.py)
         embedding_rows = EmbeddingRowGradients.for_model(self.model)
         with embedding_rows or nullcontext(), LinearGradientsInPlace.for_model(self.model) or nullcontext():
-            for start in range(0, len(mini), mb):
-                sl = slice(start, start + mb)
-                m = mini.response_mask[sl].to(self.device)
-                lp = micro_batch_logprobs(self.model, mini.prompt_ids[sl], mini.prompt_mask[sl],
-                                          mini.response_ids[sl], mini.response_mask[sl], self.cfg.rollout.temperature,
-                                          grad=True, trunk_hidden=_rows(hidden, sl))
+            for sl, m, lp in self._micro_batch_forwards(mini, hidden):
                 forward_logprobs.append(lp.detach().cpu())
                 old = lp.detach() if old_lp is None else old_lp[sl].to(self.device)
                 kl = torch.zeros((), device=self.device)
@@ -415,6 +410,16 @@ class Trainer:
         logs["total"] = logs["policy"] + lc.kl_coef * logs["kl"]
         return logs, torch.cat(forward_logprobs)
 
+    def _micro_batch_forwards(self, mini: Rollout, hidden):
+        """Per micro-batch of ``mini``: its rows, response mask and log-probs [mb, Tr] (with gradients)."""
+        mb = self.cfg.optim.micro_batch_size
+        for start in range(0, len(mini), mb):
+            sl = slice(start, start + mb)
+            lp = micro_batch_logprobs(self.model, mini.prompt_ids[sl], mini.prompt_mask[sl], mini.response_ids[sl],
+                                      mini.response_mask[sl], self.cfg.rollout.temperature, grad=True,
+                                      trunk_hidden=_rows(hidden, sl))
+            yield sl, mini.response_mask[sl].to(self.device), lp
+
     def _policy_losses(self, lp, old, advantages, m, agg) -> tuple[list[torch.Tensor], list]:
         """One aggregated clipped policy loss per column of ``advantages`` [mb, K], and the ``policy_loss``
         results (for the clip fractions)."""
@@ -430,15 +435,9 @@ class Trainer:
         weighting reads G only through GGᵀ, so loss and objective gradients give the same w). The other trainable
         parameters are frozen for this pass: its forward keeps no graph that only they need, and G is [M, P_chosen].
         Returns w [M] on the device."""
-        mb = self.cfg.optim.micro_batch_size
         grads = objective_gradients.gradient_matrix(per_obj.shape[1], self.objective_params, self.device)
         with objective_gradients.only_chosen_require_grad(self.params, self.objective_params):
-            for start in range(0, len(mini), mb):
-                sl = slice(start, start + mb)
-                m = mini.response_mask[sl].to(self.device)
-                lp = micro_batch_logprobs(self.model, mini.prompt_ids[sl], mini.prompt_mask[sl],
-                                          mini.response_ids[sl], mini.response_mask[sl], self.cfg.rollout.temperature,
-                                          grad=True, trunk_hidden=_rows(hidden, sl))
+            for sl, m, lp in self._micro_batch_forwards(mini, hidden):
                 old = lp.detach() if old_lp is None else old_lp[sl].to(self.device)
                 losses, _ = self._policy_losses(lp, old, per_obj[sl], m, agg)
                 objective_gradients.accumulate(grads, losses, self.objective_params)
