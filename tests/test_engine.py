@@ -266,3 +266,22 @@ def test_gradient_params_choose_lora_adapters(tmp_path):
     record = t.step()
     assert all(math.isfinite(record[f"weight/{o}"]) for o in t.objective_names)
     assert all(not torch.equal(b, p) for b, p in zip(before, t.params) if "lora_B" in names[id(p)])
+
+
+def test_gradient_level_step_statistics_use_the_weights_the_update_solved(tmp_path, monkeypatch):
+    """The covariance-law statistics of a gradient-level step read Σ_j w_j A_j with this step's weights (solved in
+    the update), not the previous step's."""
+    from moalign.weighting.base import per_objective_advantages
+
+    t = Trainer(tiny_config("weighting=mgda", "steps=1"), tmp_path)
+    seen = []
+    observe = t.law.observe_step
+    monkeypatch.setattr(t.law, "observe_step", lambda stats: seen.append(stats) or observe(stats))
+    before = t.weighting.weights.clone()
+    record = t.step()
+    stats, w = seen[0], t.weighting.weights
+    assert not torch.allclose(w, before)  # the update solved new weights
+    per_obj = per_objective_advantages(stats.rewards, stats.group_ids, t.estimator, stats.response_mask)
+    torch.testing.assert_close(stats.advantages, (per_obj @ w.to(per_obj.dtype)).float())
+    scores = torch.nan_to_num(stats.rewards) @ w.to(stats.rewards.dtype)
+    assert record["train/score/mean"] == pytest.approx(float(scores.mean()), rel=1e-5)

@@ -244,7 +244,7 @@ class Trainer:
         with timer("advantages"):
             if w.family == "gradient":
                 per_obj = per_objective_advantages(scored.rewards, rollout.group_ids, self.estimator, mask)
-                advantages = per_obj @ w.weights.to(per_obj.dtype)  # logged; the update uses per_obj
+                advantages = per_obj @ w.weights.to(per_obj.dtype)  # the update solves w and uses per_obj
             else:
                 per_obj = None
                 advantages = w.advantages(scored.rewards, rollout.group_ids, self.estimator, mask)
@@ -255,6 +255,9 @@ class Trainer:
         with timer("update"):
             upd = self._update(rollout, hidden, old_lp, ref_lp, advantages.float(), per_obj, stats)
             ckpt.fault_point(f"update:{self.step_idx + 1}")
+        if per_obj is not None:  # gradient-level: the signal the update trained on, with the weights it solved
+            stats.advantages = (per_obj @ w.weights.to(per_obj.dtype)).float()
+            stats.scores = scores = torch.nan_to_num(scored.rewards) @ w.weights.to(scored.rewards.dtype)
         if w.needs_post_update_logprobs or self.law is not None:
             with timer("post_logprobs"), self._top_only(self.model):
                 self.model.eval()
