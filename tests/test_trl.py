@@ -232,15 +232,23 @@ class SnapshotAfterEachStep(TrainerCallback):
         self.states.append(copy.deepcopy(model.state_dict()))
 
 
+def with_likelier_eos(model, tokenizer, factor: float):
+    """Scale the EOS row of the (tied) output matrix so that a random model ends some completions early."""
+    with torch.no_grad():
+        model.get_output_embeddings().weight[tokenizer.eos_token_id] *= factor
+    return model
+
+
 def make_trainer(model_dir: Path, dataset: Dataset, out: Path, weighting: str = "ctwa", gradient_params=None,
-                 **grpo) -> RecordingTrainer:
+                 eos_factor: float = 1.0, **grpo) -> RecordingTrainer:
     settings = dict(output_dir=str(out), use_cpu=True, bf16=False, activation_checkpointing=False, seed=0,
                     per_device_train_batch_size=8, num_generations=GROUP, max_completion_length=6, learning_rate=0.05,
                     beta=0.0, report_to="none", disable_tqdm=True, logging_steps=1, save_strategy="no")
     args = GRPOConfig(**{**settings, **grpo})
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = with_likelier_eos(AutoModelForCausalLM.from_pretrained(model_dir), tokenizer, eos_factor)
     return RecordingTrainer(model=model, reward_funcs=[Conciseness(), vowels], args=args, train_dataset=dataset,
-                            processing_class=AutoTokenizer.from_pretrained(model_dir), weighting=weighting,
+                            processing_class=tokenizer, weighting=weighting,
                             weighting_params={"lambda_lr": 0.5} if weighting == "ctwa" else None,
                             gradient_params=gradient_params)
 
@@ -309,6 +317,9 @@ def test_every_reward_and_advantage_level_weighting_trains(model_dir, dataset, t
     assert weights == pytest.approx(trainer.weighting.weights.tolist()) and all(map(math.isfinite, weights))
 
 
+EOS_FACTOR = 100.0  # completions of several lengths, so that the two normalizations differ
+
+
 @pytest.mark.parametrize("loss_type, level", [("dapo", "token"), ("grpo", "sequence")])
 def test_gradient_level_weighting_solves_on_the_batch_gradients_before_the_update(model_dir, dataset, tmp_path,
                                                                                    loss_type, level):
@@ -316,7 +327,7 @@ def test_gradient_level_weighting_solves_on_the_batch_gradients_before_the_updat
     the policy that sampled the batch (checked against autograd on a fresh copy of the initial model); the weights
     are MGDA's on that G, and TRL trains on Σ_j w_j A_j."""
     trainer = make_trainer(model_dir, dataset, tmp_path, weighting="mgda", gradient_params=["model.layers.1.mlp.*"],
-                           max_steps=1, loss_type=loss_type, importance_sampling_level=level)
+                           eos_factor=EOS_FACTOR, max_steps=1, loss_type=loss_type, importance_sampling_level=level)
     seen = []
     combine = trainer.weighting.combine
     trainer.weighting.combine = lambda grads, stats: seen.append(grads.clone()) or combine(grads, stats)
@@ -326,18 +337,20 @@ def test_gradient_level_weighting_solves_on_the_batch_gradients_before_the_updat
              if n.startswith("model.layers.1.mlp.")]
     assert len(seen) == 1 and len(names) == 3
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir)  # the initial policy, which sampled the batch
+    model = with_likelier_eos(AutoModelForCausalLM.from_pretrained(model_dir), trainer.processing_class,
+                              EOS_FACTOR)  # the initial policy, which sampled the batch
     chosen = [dict(model.named_parameters())[n] for n in names]
     T = cycle.loss_mask.shape[1]
     logits = model(input_ids=cycle.input_ids, attention_mask=cycle.attention_mask).logits[:, -T - 1:-1]
     lp = logits.float().log_softmax(-1).gather(-1, cycle.input_ids[:, -T:, None]).squeeze(-1)
     mask = cycle.loss_mask.float()
+    assert len(set(mask.sum(-1).tolist())) > 1  # lengths differ: the normalizations are told apart
     per_obj = per_objective_advantages(stats.rewards, stats.group_ids, get_estimator("grpo"), stats.response_mask)
     rows = []
     for j in range(2):
         if level == "token":  # dapo: Σ over every token / the batch's token count
             loss = -(per_obj[:, j, None].float() * lp * mask).sum() / mask.sum()
-        else:  # grpo with one ratio per sequence: its log is the sequence's mean log-prob; mean over sequences
+        else:  # grpo, one ratio per sequence (its log is the sequence's mean log-ratio): mean over sequences
             loss = -(per_obj[:, j].float() * (lp * mask).sum(-1) / mask.sum(-1)).mean()
         rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, chosen, retain_graph=True)]))
     torch.testing.assert_close(seen[0], torch.stack(rows), rtol=1e-4, atol=1e-7)

@@ -413,9 +413,10 @@ class MultiObjectiveGRPOTrainer(GRPOTrainer):
                                  group_ids: torch.Tensor, response_mask: torch.Tensor, first_row: int) -> None:
         """A gradient-level weighting's first pass (the native engine's ``Trainer._objective_weights``): the
         objectives' losses L_j = agg(−ρ · A_j) on this process's rows, with ρ = π/π.detach() (= 1, with the policy
-        gradient's derivative; per sequence with ``importance_sampling_level="sequence"``, as TRL's loss) and TRL's
-        normalization over the whole generation batch; their gradients on the chosen parameters, the other
-        trainable ones frozen for the pass; G summed over processes; ``combine``."""
+        gradient's derivative) and TRL's normalization over the whole generation batch; their gradients on the
+        chosen parameters, the other trainable ones frozen for the pass; G summed over processes; ``combine``.
+        TRL's sequence-level ratio (``importance_sampling_level="sequence"``) gives the same gradients here: at
+        π = π_old, Σ_t ∇ exp(mean_t log ρ_t) = Σ_t ∇ρ_t."""
         per_objective = per_objective_advantages(rewards, group_ids, self.estimator, response_mask)  # [B, M]
         rows, device = loss_mask.shape[0], loss_mask.device
         local = per_objective[first_row:first_row + rows].to(device, torch.float32)
@@ -434,10 +435,7 @@ class MultiObjectiveGRPOTrainer(GRPOTrainer):
                 logprobs, _, _ = self._get_per_token_logps_and_entropies(
                     model, input_ids[sl], attention_mask[sl], loss_mask.shape[1])
                 mask = loss_mask[sl].float()
-                log_ratio = logprobs - logprobs.detach()
-                if self.importance_sampling_level == "sequence":  # GSPO-style: one ratio per sequence, as TRL
-                    log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
-                ratio = torch.exp(log_ratio)
+                ratio = torch.exp(logprobs - logprobs.detach())
                 losses = [aggregate(-ratio * local[sl, j, None], mask, **agg) for j in range(local.shape[1])]
                 objective_gradients.accumulate(grads, losses, self.objective_params)
         grads = self.accelerator.reduce(grads, reduction="sum")
