@@ -24,8 +24,8 @@ The same computation as ``model.generate``, minus the work it wastes on a CPU:
 5. **Inverse-CDF sampling** (``sample_from_logits``): one uniform draw per row instead of ``torch.multinomial``'s
    one exponential draw per vocabulary entry, which on a CPU costs about as much as the forward itself at a 49k
    vocabulary; two-level (block sums, then one block) and in place on the logits.
-6. **Decode steps without the per-call machinery** (``engine.decode``, Llama and Qwen2): the model's own layer
-   code called directly, the same logits bit for bit.
+6. **Decode steps without the per-call machinery** (``engine.decode``; Llama, Mistral, Qwen2, Qwen3): the
+   model's own layer code called directly, the same logits bit for bit.
 
 Randomness comes from torch's global RNG, so ``torch.manual_seed`` makes a call reproducible.
 """

@@ -381,7 +381,12 @@ class Trainer:
         lc = self.cfg.loss
         agg = dict(mode=lc.loss_agg, norm_len=self.cfg.rollout.max_new_tokens,
                    num_tokens=float(mini.response_mask.sum().clamp(min=1)), num_seqs=float(len(mini)))
-        weights = None if per_obj is None else self._objective_weights(mini, hidden, old_lp, per_obj, stats, agg)
+        # the loss is Σ_j w_j L_j over columns of advantages: the one column adv, or each objective's
+        if per_obj is None:
+            columns, weights = adv[:, None], torch.ones(1, device=self.device)
+        else:
+            columns, weights = per_obj, self._objective_weights(mini, hidden, old_lp, per_obj, stats, agg)
+        share = (weights.abs() / weights.abs().sum().clamp(min=1e-12)).tolist()  # of each column's clip fraction
         forward_logprobs = []
         logs = {"policy": 0.0, "kl": 0.0, "clipfrac": 0.0, "clipfrac_lower": 0.0}
         # the embedding's gradient added on the rows used (engine/embedding_rows.py) and the linear layers' weight
@@ -395,21 +400,16 @@ class Trainer:
                 if ref_lp is not None:
                     kl = aggregate(kl_penalty(lp, ref_lp[sl].to(self.device), lc.kl_estimator), m, "token-mean",
                                    num_tokens=agg["num_tokens"])
-                if weights is None:
-                    losses, parts = self._policy_losses(lp, old, adv[sl, None], m, agg)
-                    share = torch.ones(1)
-                else:
-                    losses, parts = self._policy_losses(lp, old, per_obj[sl], m, agg)
-                    share = weights.abs().cpu() / weights.abs().sum().clamp(min=1e-12).cpu()
-                pg = losses[0] if weights is None else sum(w * loss for w, loss in zip(weights, losses))
+                losses, parts = self._policy_losses(lp, old, columns[sl], m, agg)
+                pg = sum(w * loss for w, loss in zip(weights, losses))
                 (pg + lc.kl_coef * kl).backward()
                 if embedding_rows is not None:
                     embedding_rows.flush()
                 frac = float(m.sum()) / agg["num_tokens"]
                 logs["policy"] += float(pg.detach())
                 logs["kl"] += float(kl.detach())
-                logs["clipfrac"] += frac * sum(float(s * pl.clipfrac) for s, pl in zip(share, parts))
-                logs["clipfrac_lower"] += frac * sum(float(s * pl.clipfrac_lower) for s, pl in zip(share, parts))
+                logs["clipfrac"] += frac * sum(s * float(pl.clipfrac) for s, pl in zip(share, parts))
+                logs["clipfrac_lower"] += frac * sum(s * float(pl.clipfrac_lower) for s, pl in zip(share, parts))
         logs["total"] = logs["policy"] + lc.kl_coef * logs["kl"]
         return logs, torch.cat(forward_logprobs)
 
