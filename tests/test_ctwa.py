@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from moalign.diagnostics.covariance import (
+from moalign.rl.covariance import (
     carries_signal,
     drop_outliers,
     group_covariance,

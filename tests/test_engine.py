@@ -161,7 +161,7 @@ def logprob_calls(monkeypatch) -> list[tuple[int, int]]:
 def test_post_update_forward_runs_only_the_rows_that_carry_a_signal(tmp_path, logprob_calls):
     """A completion with zero advantage has w = 0 whatever π_new: the post-update forward skips it (its old
     log-probs stand in), and the training signal and CTWA's covariances are those of the full forward."""
-    from moalign.diagnostics.covariance import group_covariance, training_signal
+    from moalign.rl.covariance import group_covariance, training_signal
     from moalign.engine.rollout import response_logprobs
     from moalign.weighting import StepStats
 

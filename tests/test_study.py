@@ -23,7 +23,7 @@ from moalign.config import TrainConfig, dump_config
 from moalign.errors import UserError
 from moalign.study import findings, grid, runner
 from moalign.study.report import render_markdown, write_report
-from moalign.study.sft import SFTRecipe, sft_answer, sft_examples
+from moalign.models.sft import SFTRecipe, sft_answer, sft_examples
 
 torch.set_num_threads(1)
 
@@ -501,7 +501,7 @@ def test_sft_examples_come_from_the_train_split():
 
 
 def tiny_is_built() -> bool:
-    from moalign.models.loading import cache_root
+    from moalign.models.cache import cache_root
     from moalign.models.tiny import TinyRecipe, recipe_hash
 
     return (cache_root() / f"tiny-{recipe_hash(TinyRecipe(), 0)}").is_dir()

@@ -1,4 +1,4 @@
-"""The TRL integration (moalign/integrations/trl.py): TRL's private-hook contract, the pieces of the trainer, and
+"""The TRL integration (moalign/integrations/trl/): TRL's private-hook contract, the pieces of the trainer, and
 short CPU runs on a random 2-layer Llama — one process, save/resume, and two processes (torchrun, gloo)."""
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from moalign.config import TrainConfig, build_config  # noqa: E402
 from moalign.data import DataConfig, load_data  # noqa: E402
-from moalign.diagnostics.covariance import carries_signal  # noqa: E402
+from moalign.rl.covariance import carries_signal  # noqa: E402
 from moalign.errors import UserError  # noqa: E402
 from moalign.integrations.trl import (  # noqa: E402
     STATE_FILE,
@@ -40,7 +40,6 @@ from moalign.integrations.trl import (  # noqa: E402
     reward_metrics,
     train_with_trl,
 )
-from moalign.integrations.trl import main as trl_main  # noqa: E402
 from moalign.objectives import Sample  # noqa: E402
 from moalign.objectives.conciseness import Conciseness  # noqa: E402
 from moalign.rl.estimators import get_estimator  # noqa: E402
@@ -65,7 +64,7 @@ def _parameters(fn) -> list[str]:
 
 def test_trl_is_the_pinned_release_and_its_private_hooks_are_unchanged():
     """MultiObjectiveGRPOTrainer overrides these private methods and relies on these lines. If this fails, TRL
-    changed: re-read grpo_trainer.py, adapt moalign/integrations/trl.py, then update TRL_VERSION and this test."""
+    changed: re-read grpo_trainer.py, adapt moalign/integrations/trl/, then update TRL_VERSION and this test."""
     assert trl.__version__ == TRL_VERSION == "1.16.0"
     assert _parameters(GRPOTrainer._calculate_rewards) == ["self", "inputs", "prompts", "completions",
                                                            "completion_ids_list"]
@@ -162,7 +161,9 @@ def test_plan_maps_the_config_onto_grpo_arguments():
 
 
 def test_launcher_entry_refuses_planned_trl_fields_before_touching_the_run_directory(tmp_path, capsys):
-    assert trl_main(["--trl", "max_steps=3", f"run_dir={tmp_path / 'run'}"]) == 2
+    from moalign.cli import main
+
+    assert main(["train", "engine=trl", "--trl", "max_steps=3", f"run_dir={tmp_path / 'run'}"]) == 2
     assert "max_steps follow from the moalign config" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
@@ -455,15 +456,15 @@ def test_two_processes_hold_identical_weights(model_dir, tmp_path, extra):
 
 
 def test_moalign_train_under_a_launcher_lets_only_the_main_process_prepare_the_run(tmp_path, monkeypatch, capsys):
-    """``moalign train engine=trl`` (and ``python -m moalign.integrations.trl``) in every process of a launcher:
+    """``moalign train engine=trl`` (``torchrun -m moalign train ... engine=trl``) in every process of a launcher:
     each trains, only rank 0 creates run_dir, writes config.yaml and prints the summary."""
     import moalign.cli as cli
-    import moalign.integrations.trl as integration
+    import moalign.integrations.trl.run as integration
 
     calls, printed = [], []
     monkeypatch.setattr(integration, "train_with_trl", lambda cfg, run_dir, trl: calls.append((cfg, run_dir, trl))
                         or {"steps": 1})
-    monkeypatch.setattr(cli, "print_summary", lambda summary, run_dir: printed.append(summary))
+    monkeypatch.setattr(integration, "print_summary", lambda summary, run_dir: printed.append(summary))
     monkeypatch.setenv("WORLD_SIZE", "2")
     run = tmp_path / "run"
     monkeypatch.setenv("RANK", "1")
@@ -472,9 +473,9 @@ def test_moalign_train_under_a_launcher_lets_only_the_main_process_prepare_the_r
     cfg, run_dir, trl = calls[-1]
     assert (cfg.engine, run_dir, trl) == ("trl", run, {"use_vllm": False})
     monkeypatch.setenv("RANK", "0")
-    assert trl_main([f"run_dir={run}"]) == 0  # the module entry: the same path, engine=trl implied
+    assert cli.main(["train", f"run_dir={run}", "engine=trl"]) == 0
     assert (run / "config.yaml").is_file() and printed == [{"steps": 1}] and calls[-1][0].engine == "trl"
-    assert trl_main(["steps=1"]) == 2  # default run names hold a timestamp: processes would disagree
+    assert cli.main(["train", "steps=1", "engine=trl"]) == 2  # default run names hold a timestamp
     assert "every process must name the same run directory" in capsys.readouterr().err
     assert len(calls) == 2
 

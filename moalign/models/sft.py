@@ -20,7 +20,7 @@ warms up the ``tiny`` model (``moalign.models.tiny.warm_up``): 8 steps of 8 sequ
 
 The result is cached under ``<cache>/smollm2-135m-sft-<hash>`` (the hash covers the recipe and the source of this
 module and of the problem generator), written under a temporary name and renamed so that a crash never leaves a
-half-written model. ``moalign.models.loading.load_model`` maps the model name ``smollm2-135m-sft`` to
+half-written model. ``moalign.models.load_model`` maps the model name ``smollm2-135m-sft`` to
 ``sft_model_path()``.
 """
 
@@ -38,7 +38,7 @@ import torch
 import moalign.data.arithmetic as arithmetic
 from moalign.data.arithmetic import ArithmeticProblem, generate_problems, solution_steps
 from moalign.data.base import DEFAULT_PROMPT_SUFFIX
-from moalign.models.loading import cache_root, save_built_model
+from moalign.models.cache import cache_root, save_built_model
 
 SFT_MODEL_NAME = "smollm2-135m-sft"
 
@@ -86,11 +86,10 @@ def sft_model_path(recipe: SFTRecipe = SFTRecipe(), progress: bool = True) -> Pa
 
 def fine_tune(recipe: SFTRecipe, progress: bool = True):
     """SmolLM2-135M-Instruct after the supervised pass (no caching). The caller's RNG state is untouched."""
-    from moalign.config import ModelConfig
-    from moalign.models.loading import load_model
+    from moalign.models.smollm2 import load_smollm2
     from moalign.models.tiny import warm_up
 
-    model, tokenizer = load_model(ModelConfig(name="smollm2-135m", dtype="float32"))
+    model, tokenizer = load_smollm2(torch.float32)
     prompts, answers = sft_examples(recipe)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.seed)
