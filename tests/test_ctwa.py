@@ -55,8 +55,24 @@ def test_training_signal_clipping_hand():
     assert sig.distortion.item() == pytest.approx(0.5, abs=1e-6)
     total = training_signal(adv, torch.zeros(2, 2), ratio.log(), torch.ones(2, 2), 0.2, 0.2, "sum")
     assert torch.allclose(total.w, torch.tensor([1.1, -0.9]), atol=1e-6)
+    # the authors' "mean_unclipped": the mean of Â·ρ over the unclipped tokens only, Σ_t Â ρ I / (Σ_t I + 1e-8)
     unc = training_signal(adv, torch.zeros(2, 2), ratio.log(), torch.ones(2, 2), 0.2, 0.2, "mean_unclipped")
-    assert torch.allclose(unc.w, unc.w_unclipped)
+    assert torch.allclose(unc.w, torch.tensor([1.1, -0.9]), atol=1e-6)
+    assert torch.allclose(unc.w_unclipped, torch.tensor([1.2, -0.8]), atol=1e-6)
+
+
+def test_mean_unclipped_averages_over_the_unclipped_tokens():
+    """Â = 1, ratios (1.0, 1.5), ε = 0.2: the second token is clipped, so the authors' mean over unclipped tokens is
+    1.0 (not 1.25, the mean of Â·ρ over every token, nor 0.5, the "mean" aggregation)."""
+    ratio = torch.tensor([[1.0, 1.5]])
+    args = (torch.tensor([1.0]), torch.zeros(1, 2), ratio.log(), torch.ones(1, 2), 0.2, 0.2)
+    assert training_signal(*args, "mean_unclipped").w.item() == pytest.approx(1.0, abs=1e-6)
+    assert training_signal(*args, "mean").w.item() == pytest.approx(0.5, abs=1e-6)
+    assert training_signal(*args, "sum").w.item() == pytest.approx(1.0, abs=1e-6)
+    # every token clipped: no unclipped token to average over, the signal is 0
+    all_clipped = training_signal(torch.tensor([1.0]), torch.zeros(1, 2), torch.tensor([[1.5, 2.0]]).log(),
+                                  torch.ones(1, 2), 0.2, 0.2, "mean_unclipped")
+    assert all_clipped.w.item() == 0.0
 
 
 def test_completions_without_signal_are_left_out_of_the_unclipped_fraction():
@@ -87,6 +103,33 @@ def test_training_signal_respects_mask():
 def test_drop_outliers():
     w = torch.tensor([1.0, -1.0, 2.0, 1e6, float("nan")])
     assert drop_outliers(w).tolist() == [True, True, True, False, False]
+
+
+def test_drop_outliers_uses_the_ordinary_median():
+    """Even count: the median is the mean of the two middle values (numpy's, the authors'), not the lower one.
+    |w| = (0.001, 0.001, 1.5, 1.5): median 0.7505, threshold 75.05, all four kept (the lower median 0.001 would
+    drop both 1.5s)."""
+    assert drop_outliers(torch.tensor([0.001, 0.001, 1.5, 1.5])).tolist() == [True] * 4
+    # median (2 + 4)/2 = 3, threshold 300: 250 stays, 350 goes; the lower median (2) would drop both
+    w = torch.tensor([1.0, -1.0, 2.0, -4.0, 250.0, -350.0])
+    assert drop_outliers(w).tolist() == [True] * 5 + [False]
+    assert drop_outliers(w, factor=1.0).tolist() == [True, True, True, False, False, False]  # |w| ≤ 3
+
+
+def test_group_covariance_keeps_the_completions_the_lower_median_dropped():
+    """|w| split between 0.01 and 1.5 (three each): the ordinary median is 0.755 and every completion counts. The
+    lower median (0.01) would set the threshold at 1 and drop all of group 1.
+
+    group 0: r̃ = (1/3, −2/3, 1/3), w̃ = (0.02, −0.04, 0.02)/3 → cov = (0.12/9)/3 = 0.00444…
+    group 1: r̃ = (−1/3, 2/3, −1/3), w̃ = (1, 1, −2)         → cov = (−1/3 + 2/3 + 2/3)/3 = 1/3"""
+    rewards = torch.tensor([[1.0], [0.0], [1.0], [0.0], [1.0], [0.0]])
+    w = torch.tensor([0.01, -0.01, 0.01, 1.5, 1.5, -1.5])
+    groups = torch.tensor([0, 0, 0, 1, 1, 1])
+    valid = drop_outliers(w)
+    assert valid.all()
+    gc = group_covariance(rewards, w, groups, valid=valid)
+    assert gc.cov.item() == pytest.approx((0.12 / 27 + 1 / 3) / 2, rel=1e-5)
+    assert gc.num_groups.item() == 2
 
 
 def ctwa(**kw):

@@ -30,6 +30,15 @@ def test_covariances_hand():
     assert m["law/negative_streak/b"] == 1 and m["law/negative_streak/a"] == 0
 
 
+def test_cov_w_keeps_every_completion_when_the_signal_splits_in_two_levels():
+    """|w| = (0.01, 0.01, 1.5, 1.5): the ordinary median keeps all four (the lower median, 0.01, would drop group 1
+    and leave Cov(r, w) to group 0 alone). w = A at ratio 1: group 0 cov 0.005, group 1 cov 0.75 → 0.3775."""
+    r = torch.tensor([[1.0], [0.0], [1.0], [0.0]])
+    adv = torch.tensor([0.01, -0.01, 1.5, -1.5])
+    m = LawMonitor(["a"]).observe_step(stats(r, adv, adv))
+    assert m["law/cov_w/a"] == pytest.approx((0.005 + 0.75) / 2, rel=1e-5)
+
+
 def test_agreement_and_warning():
     mon = LawMonitor(["a", "b"], warn_after=2)
     r = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])

@@ -7,10 +7,17 @@ really receives is
     w_b = agg_t( Â_b · ρ_bt · I_bt ),   ρ_bt = exp(clamp(logπ_new − logπ_old, −20, 20)),
     I_bt = [ρ_bt ≤ 1+ε_high] if Â_b ≥ 0 else [ρ_bt ≥ 1−ε_low]       (zero outside the response mask)
 
-with Â_b the token-mean advantage of completion b and agg one of "mean" (token mean of Â ρ I), "mean_unclipped"
-(token mean of Â ρ, i.e. w without clipping) or "sum". A completion with Â_b = 0 has w_b = 0 whatever its ratios
+with Â_b the token-mean advantage of completion b and agg one of the authors' three (github.com/yining610/ctwa):
+
+    "mean"            w_b = Σ_t Â ρ I / L_b                  (L_b the response length)
+    "mean_unclipped"  w_b = Σ_t Â ρ I / (Σ_t I + 1e-8)       (the mean over the unclipped tokens only)
+    "sum"             w_b = Σ_t Â ρ I
+
+``w_unclipped`` is the "mean" signal with I dropped (every token counted, none clipped): the reference of the
+clipping distortion E|w − w_unclipped|. A completion with Â_b = 0 has w_b = 0 whatever its ratios
 (``carries_signal``), so its post-update log-probs are never needed, and the unclipped fraction counts only the
-tokens of completions that carry a signal (clipping a token whose advantage is 0 changes nothing).
+tokens of completions that carry a signal (clipping a token whose advantage is 0 changes nothing; the authors'
+diagnostic counts every response token).
 """
 
 from __future__ import annotations
@@ -60,12 +67,9 @@ def training_signal(advantages: torch.Tensor, old_logprobs: torch.Tensor, new_lo
     ratio = torch.exp(torch.clamp(new_logprobs.double() - old_logprobs.double(), -20.0, 20.0))
     keep = torch.where(adv_seq[:, None] >= 0, ratio <= 1.0 + eps_high, ratio >= 1.0 - eps_low).double() * mask
     per_tok = adv_seq[:, None] * ratio * mask
-    if aggregation == "sum":
-        w, w_unclipped = (per_tok * keep).sum(-1), per_tok.sum(-1)
-    else:
-        w, w_unclipped = (per_tok * keep).sum(-1) / n_tok, per_tok.sum(-1) / n_tok
-        if aggregation == "mean_unclipped":
-            w = w_unclipped
+    kept = (per_tok * keep).sum(-1)
+    w = {"mean": kept / n_tok, "mean_unclipped": kept / (keep.sum(-1) + 1e-8), "sum": kept}[aggregation]
+    w_unclipped = per_tok.sum(-1) if aggregation == "sum" else per_tok.sum(-1) / n_tok
     signal_tokens = mask * (adv_seq != 0).double()[:, None]
     n_signal = signal_tokens.sum()
     frac = (keep * signal_tokens).sum() / n_signal if n_signal > 0 else torch.ones((), dtype=torch.float64)
@@ -73,11 +77,15 @@ def training_signal(advantages: torch.Tensor, old_logprobs: torch.Tensor, new_lo
 
 
 def drop_outliers(w: torch.Tensor, factor: float = 100.0) -> torch.Tensor:
-    """Boolean mask of usable signals: finite and |w| ≤ factor·median|w| (all finite ones if the median is 0)."""
+    """Boolean mask of usable signals: finite and |w| ≤ factor·median|w| (all finite ones if the median is 0).
+
+    The median is the ordinary one (the mean of the two middle values for an even count, as the authors'
+    ``np.median``); ``torch.median`` returns the lower middle value, which for |w| split between two levels would
+    set the threshold by the smaller one and drop half the batch."""
     finite = torch.isfinite(w)
     if not finite.any():
         return finite
-    med = w[finite].abs().median()
+    med = w[finite].abs().double().quantile(0.5)
     if med <= 0:
         return finite
     return finite & (w.abs() <= factor * med)
