@@ -175,6 +175,40 @@ def test_nash_solution_satisfies_bargaining_equation(seed):
     assert nash.update(make_stats(random_rewards(seed)))["nash/residual"] < 1e-10
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_nash_is_invariant_to_each_gradients_scale(seed):
+    """Scaling one objective's gradient by 1, 0.1, 0.01, 0.003 leaves the bargaining solution a solution: with the
+    default ridge, α ⊙ (Qα) = 1 (Q the Frobenius-normalized Gram matrix) holds to 1e-4, α_j⟨g_j, d⟩ is the same for
+    every j, and d keeps its direction."""
+    base = random_grads(seed, m=3, p=50).double()
+    reference = None
+    for factor in (1.0, 0.1, 0.01, 0.003):
+        grads = base.clone()
+        grads[1] *= factor
+        nash = make_weighting("nash_mtl", OBJECTIVES)
+        direction = nash.combine(grads, make_stats(random_rewards(seed)))
+        gram = grads @ grads.T
+        Q = gram / torch.linalg.matrix_norm(gram)
+        alpha = nash.weights
+        torch.testing.assert_close(alpha * (Q @ alpha), torch.ones(3, dtype=torch.float64), rtol=0.0, atol=1e-4)
+        utilities = alpha * (grads @ direction)  # α_j⟨g_j, d⟩: the same number for every j
+        assert float(utilities.max() / utilities.min()) - 1.0 < 1e-4
+        assert nash.metrics()["nash/residual"] < 1e-4
+        unit = direction / direction.norm()
+        if reference is None:
+            reference = unit
+        assert float(unit @ reference) > 1.0 - 1e-8
+
+
+def test_nash_residual_measures_the_unridged_system():
+    """Orthogonal gradients and ridge 0.1: the cosine matrix is I, so β = (1 + 0.1)^{-1/2} solves the ridged system
+    exactly, and the bargaining equation itself is off by |β² − 1| = 1 − 1/1.1."""
+    grads = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.5, 0.0], [0.0, 0.0, 1.0]])
+    nash = make_weighting("nash_mtl", OBJECTIVES, ridge=0.1)
+    nash.combine(grads, make_stats(random_rewards(0)))
+    assert nash.metrics()["nash/residual"] == pytest.approx(1.0 - 1.0 / 1.1, rel=1e-9)
+
+
 def test_nash_orthogonal_gradients_closed_form():
     # Q diagonal: α_j = Q_jj^{-1/2}.
     Q = torch.diag(torch.tensor([4.0, 0.25, 1.0], dtype=torch.float64))

@@ -48,20 +48,26 @@ class NashMTL(GradientWeighting):
 
         (GᵀG) α = 1/α,  α > 0        (G = [g_1 … g_M] ∈ R^{P×M}, so GᵀG is the M×M Gram matrix)
 
-    i.e. ⟨g_j, d⟩ = 1/α_j: every objective's improvement is inversely proportional to its weight (the bargaining
-    solution is invariant to each gradient's scale). As in the official code the equation is solved on the Gram
-    matrix normalized by its Frobenius norm, Ĝ = GᵀG / ‖GᵀG‖_F, so the weights do not depend on the overall
-    gradient scale; for raw gradients the solution is α / ‖GᵀG‖_F^{1/2}.
+    i.e. α_j ⟨g_j, d⟩ = 1: every objective's improvement is inversely proportional to its weight. The direction is
+    invariant to each gradient's scale: g_j → c_j g_j gives α_j → α_j / c_j and the same d. As in the official code
+    the weights solve the equation for the Gram matrix normalized by its Frobenius norm, Q = GᵀG / ‖GᵀG‖_F, so they
+    do not depend on the overall gradient scale (for raw gradients the solution is α / ‖GᵀG‖_F^{1/2}).
+
+    Solved in the per-gradient scale-free form: with D = diag(Q)^{1/2} (the normalized gradient norms) and the
+    cosine matrix C = D⁻¹ Q D⁻¹ (unit diagonal), β solves (C + εI) β = 1/β and α = D⁻¹ β. For ε = 0 this is exactly
+    Qα = 1/α; the ridge ε (``ridge``) is relative to every gradient's own norm, so a small gradient keeps its stake
+    in the bargain (a ridge on Q itself would swamp any gradient ≳ 30× smaller than the largest).
+    ``nash/residual`` = max_j |α_j (Qα)_j − 1| on the unridged system, the bargaining equation itself.
 
     Departures from the official code, and why:
     * Solver. The official code (and torchjd's ``NashMTL``, which needs cvxpy + ECOS) approximates the solution
       by a few sequential convex programs and keeps the previous α when the solver fails. Here a damped Newton
-      method on the M×M system (``solve_nash_bargaining``) converges to machine precision; ``nash/residual``
-      reports max_j |α_j (Ĝα)_j − 1|.
-    * Degenerate inputs. A solution exists only if some d improves every objective (Gordan: 0 ∉ conv{g_j}). A
-      small ridge, Ĝ + εI (``ridge``), makes the problem well posed when the gradients are Pareto-stationary
-      (e.g. opposite gradients: α grows to ≈ ε^{-1/2} while d stays 0). An objective whose gradient is negligible
-      (‖g_j‖² ≤ 1e-12 · max_k ‖g_k‖²) has no stake in the bargain — its utility ⟨g_j, d⟩ is 0 for every d — and
+      method on the M×M system (``solve_nash_bargaining``) converges to machine precision.
+    * Degenerate inputs. A solution exists only if some d improves every objective (Gordan: 0 ∉ conv{g_j}). The
+      ridge makes the problem well posed when the gradients are Pareto-stationary (e.g. exactly opposite
+      gradients: β grows to ≈ ε^{-1/2} while d stays 0); its default 1e-8 moves the solution of a well-posed
+      problem by ≈ 1e-8 relative. An objective whose gradient is negligible (‖g_j‖² ≤ 1e-12 · max_k ‖g_k‖², e.g.
+      exactly 0 when every group tied) has no stake in the bargain — its utility ⟨g_j, d⟩ is 0 for every d — and
       gets weight 0 instead of the meaningless ε^{-1/2}; it would otherwise dominate ``advantages()``.
     * The official ``max_norm`` clipping of the combined gradient is left to the engine's global grad-norm clip.
     * The data-parallel defect of the public code (solving on one shard's slice) does not arise: the Gram matrix
@@ -69,14 +75,15 @@ class NashMTL(GradientWeighting):
     """
 
     name = "nash_mtl"
-    description = "Nash bargaining weights α > 0 solving (GᵀG)α = 1/α"
+    description = "Nash bargaining weights α > 0 solving (GᵀG)α = 1/α (invariant to each gradient's scale)"
     cost = "one extra forward and M backward passes on the chosen parameters (weighting.gradient_params), plus a Newton solve on the M×M Gram matrix"
 
     class Params(WeightingParams):
-        ridge: float = Field(1e-4, gt=0, description="ε added to the normalized Gram matrix so a solution exists")
+        ridge: float = Field(1e-8, gt=0, description="ε added to the cosine matrix of the gradients (relative to "
+                             "each gradient's own norm) so a solution exists when they are Pareto-stationary")
 
     def initial_weights(self) -> torch.Tensor:
-        """α = 1 for every objective: the solution for identical gradients (Ĝ = 11ᵀ/M)."""
+        """α = 1 for every objective: the solution for identical gradients (Q = 11ᵀ/M)."""
         return torch.ones(self.num_objectives, dtype=torch.float64)
 
     def solve_weights(self, gram: torch.Tensor, stats: StepStats) -> torch.Tensor:
@@ -85,9 +92,12 @@ class NashMTL(GradientWeighting):
         if not bool(players.any()):  # every gradient is 0: the direction is 0 whatever the weights
             return self.initial_weights()
         bargaining = gram[players][:, players]
-        Q = bargaining / torch.linalg.matrix_norm(bargaining) + self.params.ridge * torch.eye(int(players.sum()))
-        alpha, residual = solve_nash_bargaining(Q.double())
-        self._diagnostics = {"nash/residual": residual}
+        Q = bargaining / torch.linalg.matrix_norm(bargaining)
+        norms = Q.diagonal().sqrt()
+        cosines = Q / torch.outer(norms, norms)
+        beta, _ = solve_nash_bargaining(cosines + self.params.ridge * torch.eye(len(norms), dtype=Q.dtype))
+        alpha = beta / norms
+        self._diagnostics = {"nash/residual": float((alpha * (Q @ alpha) - 1.0).abs().max())}
         weights = torch.zeros(self.num_objectives, dtype=torch.float64)
         weights[players] = alpha
         return weights
