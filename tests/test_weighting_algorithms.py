@@ -326,12 +326,35 @@ def test_pama_closed_form_matches_min_norm_solver():
 
 
 def test_tchebycheff_hand_case_and_running_ideal():
+    """The authors' ideal point: the running max of every completion's reward (current batch included)."""
     tcheb = make_weighting("tchebycheff", ("a", "b"), weights=[0.5, 1.0])
-    rewards = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.0, 0.0]])
-    # z = batch means (0.5, 0.5): s = −max(0.5(0.5 − r_a), 1.0(0.5 − r_b))
-    torch.testing.assert_close(tcheb.scalarize(rewards, torch.zeros(4)), torch.tensor([-0.5, -0.25, 0.25, -0.5]))
+    rewards = torch.tensor([[0.5, 0.0], [0.0, 1.0], [0.25, 0.5], [0.0, 0.0]])
+    # z = batch maxima (0.5, 1.0): s = −max(0.5(0.5 − r_a), 1.0(1.0 − r_b))
+    torch.testing.assert_close(tcheb.scalarize(rewards, torch.zeros(4)), torch.tensor([-1.0, -0.25, -0.5, -1.0]))
     tcheb.update(make_stats(rewards))
-    worse = torch.tensor([[0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [1.0, 0.0]])  # means (0.25, 0): z stays (0.5, 0.5)
+    worse = torch.tensor([[0.0, 0.0], [0.0, 0.0], [0.0, 0.25], [1.0, 0.0]])  # maxima (1, .25): z → (1, 1)
+    torch.testing.assert_close(tcheb.scalarize(worse, torch.zeros(4))[2], torch.tensor(-0.75))
+    torch.testing.assert_close(tcheb.ideal(), torch.tensor([0.5, 1.0], dtype=torch.float64))
+    tcheb.update(make_stats(worse))
+    torch.testing.assert_close(tcheb.ideal(), torch.tensor([1.0, 1.0], dtype=torch.float64))
+
+
+def test_tchebycheff_ideal_from_per_completion_maxima_not_batch_means():
+    """Batch means (0.25, 0.75, 0.5), λ uniform. The authors' z = (1, 1, 1) scores r = (0, 1, 1) and r = (1, 1, 0)
+    both −1/3; with z = the batch means (ideal_mode=running_mean_max) failing the objective the policy is worst at
+    costs least: −0.25/3 = −0.083 against −0.5/3 = −0.167."""
+    rewards = torch.tensor([[0.0, 1.0, 1.0], [1.0, 1.0, 0.0], [0.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
+    groups = torch.zeros(4)
+    authors = make_weighting("tchebycheff", OBJECTIVES).scalarize(rewards, groups)
+    torch.testing.assert_close(authors[:2], torch.full((2,), -1 / 3))
+    means = make_weighting("tchebycheff", OBJECTIVES, ideal_mode="running_mean_max").scalarize(rewards, groups)
+    torch.testing.assert_close(means[:2], torch.tensor([-0.25 / 3, -0.5 / 3]))
+    # the batch-mean form, two steps: means (0.5, 0.5) then (0.25, 0): z stays (0.5, 0.5)
+    tcheb = make_weighting("tchebycheff", ("a", "b"), weights=[0.5, 1.0], ideal_mode="running_mean_max")
+    first = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.0, 0.0]])
+    torch.testing.assert_close(tcheb.scalarize(first, torch.zeros(4)), torch.tensor([-0.5, -0.25, 0.25, -0.5]))
+    tcheb.update(make_stats(first))
+    worse = torch.tensor([[0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [1.0, 0.0]])
     torch.testing.assert_close(tcheb.scalarize(worse, torch.zeros(4))[3], torch.tensor(-0.5))
     torch.testing.assert_close(tcheb.ideal(), torch.tensor([0.5, 0.5], dtype=torch.float64))
 
@@ -351,7 +374,7 @@ def test_tchebycheff_all_satisfying_completions_score_equal_whatever_their_lengt
 
 
 def test_smooth_tchebycheff_two_step_hand_example():
-    smooth = make_weighting("smooth_tchebycheff", ("a", "b"))  # p = (.5, .5), T = 1, η = 0.3, z = 1
+    smooth = make_weighting("smooth_tchebycheff", ("a", "b"))  # p = (.5, .5), T = 1, η = 0.3; z reaches (1, 1)
     rewards = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     torch.testing.assert_close(smooth.scalarize(rewards, torch.zeros(2)), torch.tensor([0.5, 0.5]))
     # step 1: means (0.5, 1.0) → ℓ += 0.3·0.5·(0.5, 0) = (0.075, 0)
@@ -364,6 +387,20 @@ def test_smooth_tchebycheff_two_step_hand_example():
     assert metrics["weight/a"] == pytest.approx(expected_a)
     torch.testing.assert_close(smooth.scalarize(rewards, torch.zeros(2)),
                                torch.tensor([expected_a, 1 - expected_a], dtype=torch.float32))
+
+
+def test_smooth_tchebycheff_ideal_is_the_running_max_of_completions():
+    """z as the authors run it: an objective no completion has reached yet has z_j = its best reward so far, so a
+    batch with a = 0 everywhere moves ℓ_a by 0, not by η p_a (1 − 0) as a fixed z = 1 would."""
+    smooth = make_weighting("smooth_tchebycheff", ("a", "b"))  # p = (.5, .5), η = 0.3
+    metrics = smooth.update(make_stats([[0.0, 1.0], [0.0, 0.0]]))  # maxima (0, 1), means (0, 0.5)
+    assert metrics["gap/a"] == 0.0 and metrics["gap/b"] == pytest.approx(0.5)
+    torch.testing.assert_close(smooth.log_weights, torch.log(torch.tensor([0.5, 0.5], dtype=torch.float64))
+                               + torch.tensor([0.0, 0.3 * 0.5 * 0.5], dtype=torch.float64))
+    metrics = smooth.update(make_stats([[0.5, 0.0], [0.0, 0.0]]))  # z = (0.5, 1), means (0.25, 0)
+    assert metrics["gap/a"] == pytest.approx(0.25) and metrics["gap/b"] == pytest.approx(1.0)
+    fixed = make_weighting("smooth_tchebycheff", ("a", "b"), ideal_point=[1.0, 1.0])
+    assert fixed.update(make_stats([[0.0, 1.0], [0.0, 0.0]]))["gap/a"] == pytest.approx(1.0)
 
 
 def test_lagrangian_two_step_hand_example():

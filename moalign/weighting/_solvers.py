@@ -40,6 +40,14 @@ def objective_means(rewards: torch.Tensor) -> torch.Tensor:
     return torch.nanmean(rewards.double(), dim=0).cpu()
 
 
+def objective_maxima(rewards: torch.Tensor) -> torch.Tensor:
+    """Per-objective maximum over the batch's completions [M] (float64, CPU) of the observed entries; NaN where a
+    column is entirely missing."""
+    observed = rewards.double().cpu()
+    best = torch.where(torch.isnan(observed), -math.inf, observed).amax(dim=0)
+    return torch.where(torch.isneginf(best), math.nan, best)
+
+
 def reward_deficits(rewards: torch.Tensor, ideal_reward: float, offset: float) -> torch.Tensor:
     """Positive per-objective "losses" for methods defined on losses (GradNorm, FAMO):
 

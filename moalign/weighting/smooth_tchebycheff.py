@@ -7,7 +7,11 @@ from typing import Annotated, Optional
 import torch
 from pydantic import Field
 
-from moalign.weighting._solvers import StatefulWeighting, objective_means
+from moalign.weighting._solvers import (
+    StatefulWeighting,
+    objective_maxima,
+    objective_means,
+)
 from moalign.weighting.base import (
     WEIGHTINGS,
     StepStats,
@@ -28,17 +32,24 @@ class SmoothTchebycheff(StatefulWeighting):
 
     The smooth max μ·log Σ_j exp(λ_j (z_j − J_j)/μ) has gradient Σ_j ω_j ∇(λ_j (z_j − J_j)) with softmax weights
     ω, so training on the ω-weighted reward descends it; the multiplicative (mirror) update on ℓ moves ω toward
-    objectives far from their ideal value. Defaults: T = 1, η = 0.3 (the authors' launch script; their config says
-    1.0), p uniform, z_j = 1 for every objective: the best value of the paper's {0,1} rewards. Set ``ideal_point``
-    for rewards on another scale. Missing rewards count as 0 in s and are left out of the batch means; an
-    objective with no observed reward in the batch keeps its ℓ_j.
+    objectives far from their ideal value.
+
+    This is the authors' *run* form, not Lin et al.'s STCH: ℓ accumulates the gaps of every step so far,
+    ω ∝ p^{1/T}·exp(η Σ_t p ⊙ gap_t / T), so an objective that lagged long ago keeps weight after it has caught up.
+    Lin et al.'s smooth Tchebycheff weights each step by its *current* gap alone, ω = softmax(p ⊙ (z − J)/μ).
+
+    Defaults: T = 1, η = 0.3 (the authors' launch script; their config says 1.0), p uniform, and z as in the
+    authors' code: the running maximum of every completion's reward, the current batch included (for {0,1}
+    rewards, 1 once one completion has reached it). ``ideal_point`` fixes z (e.g. [1, 1, 1], the best value of
+    {0,1} rewards, from the first step). Missing rewards count as 0 in s and are left out of the batch statistics;
+    an objective with no observed reward in the batch keeps its ℓ_j.
     """
 
     name = "smooth_tchebycheff"
     family = "reward"
     description = "s = Σ softmax(ℓ/T)_j r_j with mirror-descent ℓ_j += η p_j (z_j − mean r_j)"
     cost = "none"
-    state_fields = ("log_weights",)
+    state_fields = ("log_weights", "running_ideal")
 
     class Params(WeightingParams):
         preference: Optional[list[Annotated[float, Field(gt=0)]]] = Field(
@@ -47,15 +58,17 @@ class SmoothTchebycheff(StatefulWeighting):
         temperature: float = Field(1.0, gt=0, description="T in ω = softmax(ℓ/T)")
         lr: float = Field(0.3, gt=0, description="η, mirror-descent step on the log-weights")
         ideal_point: Optional[list[float]] = Field(
-            None, description="z, one value per objective; default 1.0 (best value of {0,1} rewards)"
+            None, description="fixed z, one value per objective; default: running max of every completion's reward "
+            "(the authors')"
         )
 
     def __init__(self, objectives, params=None, **kwargs):
         super().__init__(objectives, params, **kwargs)
         p = user_vector(self.params.preference, self.num_objectives, "weighting.preference")
         self.preference = p / p.sum()
-        ideal = [1.0] * self.num_objectives if self.params.ideal_point is None else self.params.ideal_point
-        self.ideal_point = user_vector(ideal, self.num_objectives, "weighting.ideal_point")
+        self.fixed_ideal = (None if self.params.ideal_point is None
+                            else user_vector(self.params.ideal_point, self.num_objectives, "weighting.ideal_point"))
+        self.running_ideal = torch.full((self.num_objectives,), float("nan"), dtype=torch.float64)  # NaN = unseen
         self.log_weights = self.preference.log()
 
     @property
@@ -68,7 +81,9 @@ class SmoothTchebycheff(StatefulWeighting):
 
     def update(self, stats: StepStats) -> dict[str, float]:
         self._check_rewards(stats.rewards)
-        gap = self.ideal_point - objective_means(stats.rewards)
+        self.running_ideal = torch.fmax(self.running_ideal, objective_maxima(stats.rewards))  # fmax skips NaN
+        ideal = self.running_ideal if self.fixed_ideal is None else self.fixed_ideal
+        gap = ideal - objective_means(stats.rewards)
         step = self.params.lr * self.preference * torch.nan_to_num(gap, nan=0.0)  # unobserved objective: no step
         self.log_weights = self._finite(self.log_weights + step, self.log_weights)
         return {**self.metrics(), **self._per_objective(gap, "gap")}
