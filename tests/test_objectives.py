@@ -5,6 +5,7 @@ import sys
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,7 +25,12 @@ from moalign.objectives import (  # noqa: E402
 from moalign.objectives import accuracy as accuracy_module  # noqa: E402
 from moalign.objectives.accuracy import Accuracy, answers_equivalent  # noqa: E402
 from moalign.objectives.boxed import last_boxed_content  # noqa: E402
-from moalign.objectives.clarity import Clarity  # noqa: E402
+from moalign.objectives.clarity import (  # noqa: E402
+    Clarity,
+    ClarityRefined,
+    paper_step_markers,
+    refined_step_markers,
+)
 from moalign.objectives.conciseness import Conciseness  # noqa: E402
 from moalign.objectives.gated import Gated  # noqa: E402
 
@@ -166,6 +172,7 @@ def test_conciseness_rejects_a_damaged_state():
 BOX = r" So the answer is \boxed{4}."
 
 
+@pytest.mark.parametrize("rule", [Clarity, ClarityRefined])
 @pytest.mark.parametrize("text", [
     "1. Add the numbers.\n2. Divide by two.",
     "1) Add the numbers\n2) Divide by two",
@@ -185,21 +192,43 @@ BOX = r" So the answer is \boxed{4}."
     "Second, divide. Next, round.",
     "The sum is 8. Halving gives 4.",  # sentence-final numbers read as enumerators (documented ambiguity)
 ])
-def test_clarity_steps_and_box_score_one(text):
-    assert scores(Clarity(), sample(text + BOX)) == [1.0]
+def test_clarity_steps_and_box_score_one(rule, text):
+    assert scores(rule(), sample(text + BOX)) == [1.0]
 
 
+@pytest.mark.parametrize("rule", [Clarity, ClarityRefined])
 @pytest.mark.parametrize("text", [
     "1. Add the numbers and divide by two.",  # a single step
     "First, add the numbers and halve.",  # a single ordinal
-    "x = 3.5 and y = 0.5, so x + y = 4",  # decimals are not enumerators (refinement 1)
-    "Times 3-4 and 1:30 e.g. here, i.e. there",  # punctuation followed by a letter/digit
-    "We get 9 - 3 - 2 = 4 and 2 * 2 = 4",  # inline minus/times are not bullets (refinement 2)
     "Firstly, we add; thenceforth we divide",  # ordinals are whole words
-    "Did mix the civil numbers",  # words of roman letters are not numerals
+    "Did mix the civil numbers",  # no closing punctuation
 ])
-def test_clarity_without_two_steps_scores_zero(text):
-    assert scores(Clarity(), sample(text + BOX)) == [0.0]
+def test_clarity_without_two_steps_scores_zero(rule, text):
+    assert scores(rule(), sample(text + BOX)) == [0.0]
+
+
+@pytest.mark.parametrize("text", [
+    "x = 3.5 and y = 0.5, so x + y = 4",  # " 3." and " 0.": decimals
+    "Times 3-4 and 1:30 e.g. here, i.e. there",  # punctuation followed by a letter or digit
+    "We get 9 - 3 - 2 = 4 and 2 * 2 = 4",  # inline minus and times read as bullets
+    "Did mix. the civil. numbers",  # any run of the letters i v x l c d m is a numeral
+])
+def test_the_papers_rule_counts_mathematics_the_refined_rule_does_not(text):
+    """The authors' pattern takes these for steps (clarity 1); the refinements exclude them (clarity 0)."""
+    assert scores(Clarity(), sample(text + BOX)) == [1.0]
+    assert scores(ClarityRefined(), sample(text + BOX)) == [0.0]
+
+
+def test_the_papers_rule_counts_non_overlapping_matches():
+    """The paper's boundary (and a bullet's trailing blanks) belong to the match: in "- 1." the bullet consumes
+    the space before "1.", which then has no boundary of its own: one marker. The refined rule looks behind and
+    counts two. Across a line break both count: the next line starts at its own "^"."""
+    assert paper_step_markers("- 1. add") == 1 and refined_step_markers("- 1. add") == 2
+    assert scores(Clarity(), sample("- 1. add" + BOX)) == [0.0]
+    assert scores(ClarityRefined(), sample("- 1. add" + BOX)) == [1.0]
+    assert paper_step_markers("-\n1. add") == 2
+    assert paper_step_markers("1. 2. 3.") == 3  # the blank before "2." is that marker's boundary
+    assert paper_step_markers("- - x") == 1  # the first bullet took the blank the second needed
 
 
 @pytest.mark.parametrize("completion, expected", [
@@ -209,8 +238,25 @@ def test_clarity_without_two_steps_scores_zero(text):
     ("1. add\n2. divide " + r"\boxed{ 4}", 1.0),  # leading blank tolerated
     ("1. add\n2. divide " + r"\boxed{\frac{1}{2}}", 1.0),
 ])
-def test_clarity_needs_a_non_empty_box(completion, expected):
-    assert scores(Clarity(), sample(completion)) == [expected]
+@pytest.mark.parametrize("rule", [Clarity, ClarityRefined])
+def test_clarity_needs_a_non_empty_box(rule, completion, expected):
+    assert scores(rule(), sample(completion)) == [expected]
+
+
+MATH500 = Path("/work/shared/data/math500")
+
+
+@pytest.mark.skipif(not MATH500.is_dir(), reason="shared MATH-500 files not present")
+def test_clarity_rules_on_the_math500_reference_solutions():
+    """The 500 reference solutions: the paper's rule 302/500 = 0.604, the refined one 238/500 = 0.476; the 64 texts
+    where they differ all score 0 under the refined rule."""
+    import pandas as pd
+
+    texts = [t for split in ("train", "val", "test") for t in pd.read_parquet(MATH500 / f"{split}.parquet")["solution"]]
+    paper = scores(Clarity(), *[sample(t) for t in texts])
+    refined = scores(ClarityRefined(), *[sample(t) for t in texts])
+    assert (len(texts), sum(paper), sum(refined)) == (500, 302.0, 238.0)
+    assert all(r == 0.0 for p, r in zip(paper, refined) if p != r)
 
 
 # ------------------------------------------------------------------------------------------------ gated
@@ -238,14 +284,17 @@ def test_gated_conciseness_is_zero_unless_correct_and_observes_through_the_wrapp
     assert resumed.state_dict() == objective.state_dict()
 
 
-def test_gated_clarity_is_zero_unless_correct():
+@pytest.mark.parametrize("name", ["gated_clarity", "gated_clarity_refined"])
+def test_gated_clarity_is_zero_unless_correct(name):
     steps = "1. add\n2. divide\n"
-    objective = OBJECTIVES.get("gated_clarity")()
+    objective = OBJECTIVES.get(name)()
     assert scores(objective,
                   sample(steps + r"\boxed{4}", "4"),  # clear, correct
                   sample(steps + r"\boxed{4}", "5"),  # clear, wrong
                   sample(r"just \boxed{4}", "4"),  # correct, no steps
                   ) == [1.0, 0.0, 0.0]
+    decimals = "x = 3.5 and y = 0.5 " + r"\boxed{4}"  # steps for the paper's rule only
+    assert scores(objective, sample(decimals, "4")) == [1.0 if name == "gated_clarity" else 0.0]
 
 
 def test_gated_missing_gate_is_missing_and_missing_inner_only_matters_when_correct():
@@ -306,7 +355,8 @@ def user_module(tmp_path, monkeypatch):
 
 def test_load_builtins_gives_fresh_instances():
     assert DEFAULT_OBJECTIVES == ("accuracy", "conciseness", "clarity")
-    assert set(OBJECTIVES.names()) == {"accuracy", "conciseness", "clarity", "gated_conciseness", "gated_clarity"}
+    assert set(OBJECTIVES.names()) == {"accuracy", "conciseness", "clarity", "clarity_refined", "gated_conciseness",
+                                       "gated_clarity", "gated_clarity_refined"}
     first, second = load_objective("conciseness"), load_objective({"name": "conciseness"})
     first.observe(lengths_batch(10))
     assert first.state_dict() == {"count": 1, "total_tokens": 10}

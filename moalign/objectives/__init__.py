@@ -1,7 +1,8 @@
 """Objectives: one reward per (prompt, completion, answer) sample.
 
-Built-ins (METHOD §5): ``accuracy``, ``conciseness``, ``clarity`` and the correctness-gated
-``gated_conciseness``, ``gated_clarity``. Any other objective is a user function (see ``user``).
+Built-ins (METHOD §5): ``accuracy``, ``conciseness``, ``clarity`` (the paper's rule), ``clarity_refined`` and the
+correctness-gated ``gated_conciseness``, ``gated_clarity``, ``gated_clarity_refined``. Any other objective is a
+user function (see ``user``).
 
 ``load_objective(spec)`` accepts:
 

@@ -23,7 +23,7 @@ from moalign.objectives.base import (
     ScoreResult,
     ScoringBatch,
 )
-from moalign.objectives.clarity import Clarity
+from moalign.objectives.clarity import Clarity, ClarityRefined
 from moalign.objectives.conciseness import Conciseness
 
 
@@ -70,7 +70,16 @@ class GatedConciseness(Gated):
 @OBJECTIVES.register("gated_clarity")
 class GatedClarity(Gated):
     name = "gated_clarity"
-    description = "clarity if the answer is correct (accuracy = 1), else 0"
+    description = "clarity (the paper's rule) if the answer is correct (accuracy = 1), else 0"
 
     def __init__(self) -> None:
         super().__init__(inner=Clarity(), gate=Accuracy())
+
+
+@OBJECTIVES.register("gated_clarity_refined")
+class GatedClarityRefined(Gated):
+    name = "gated_clarity_refined"
+    description = "clarity_refined if the answer is correct (accuracy = 1), else 0"
+
+    def __init__(self) -> None:
+        super().__init__(inner=ClarityRefined(), gate=Accuracy())
