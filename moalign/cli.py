@@ -99,11 +99,13 @@ def train_native(cfg, run_dir: Path, resume: bool = False) -> dict:
 
 
 def cmd_algorithms(args) -> int:
+    from moalign.objectives import OBJECTIVES
+    from moalign.rl.estimators import ESTIMATORS, PAIRED_LOSS_AGG
     from moalign.weighting import WEIGHTINGS
 
     console = _console()
     for family in ("reward", "advantage", "gradient"):
-        console.print(f"\n[bold underline]{family}-level[/]")
+        console.print(f"\n[bold underline]{family}-level weightings[/]")
         for name, cls in WEIGHTINGS.items():
             if cls.family != family:
                 continue
@@ -111,6 +113,15 @@ def cmd_algorithms(args) -> int:
             hp = ", ".join(f"{k}={f.default!r}" for k, f in cls.Params.model_fields.items())
             console.print(f"    hyperparameters: {hp or '(none)'}", highlight=False)
             console.print(f"    extra cost per step: {cls.cost}", highlight=False)
+    console.print("\n[bold underline]advantage estimators[/] (estimator=<name>)")
+    for name, fn in ESTIMATORS.items():
+        summary = " ".join((fn.__doc__ or "").split("\n\n")[0].split())
+        console.print(f"[bold cyan]{name}[/] — {summary}", highlight=False)
+        console.print(f"    loss.loss_agg: {PAIRED_LOSS_AGG.get(name, 'token-mean')} by default"
+                      + (" (another is refused)" if name in PAIRED_LOSS_AGG else ""), highlight=False)
+    console.print("\n[bold underline]objectives[/] (objectives=[<name>, ...])")
+    for name, cls in OBJECTIVES.items():
+        console.print(f"[bold cyan]{name}[/] — {cls.description}", highlight=False)
     return 0
 
 
@@ -167,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="engine=trl: a further GRPOConfig field (e.g. --trl use_vllm=true); repeatable")
     t.set_defaults(func=cmd_train)
 
-    a = sub.add_parser("algorithms", help="list the weighting algorithms")
+    a = sub.add_parser("algorithms", help="list the weighting algorithms, advantage estimators and objectives")
     a.set_defaults(func=cmd_algorithms)
 
     i = sub.add_parser("interference", help="interference metrics of one or more runs")

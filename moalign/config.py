@@ -68,7 +68,9 @@ class LossConfig(Section):
     dual_clip: Optional[float] = Field(3.0, gt=1, description="dual-clip constant c for A < 0 (None: off)")
     kl_coef: float = Field(0.001, ge=0, description="KL-to-reference loss coefficient (0 skips the reference)")
     kl_estimator: str = "k3"
-    loss_agg: str = "token-mean"
+    loss_agg: Optional[str] = Field(None, description="token-mean | seq-mean-token-sum | seq-mean-token-mean | "
+                                    "seq-mean-token-sum-norm; None: the estimator's own (seq-mean-token-sum-norm "
+                                    "for dr_grpo), else token-mean")
     old_logprobs: Literal["auto", "sampler", "recompute"] = Field(
         "auto", description="π_old of an update that is not exactly on-policy (several mini-batches or PPO epochs): "
         "'sampler' reuses the fast sampler's log-probs (no extra forward), 'recompute' runs a forward; 'auto': "
@@ -84,7 +86,7 @@ class LossConfig(Section):
     @field_validator("loss_agg")
     @classmethod
     def _agg(cls, v):
-        if v not in LOSS_AGG_MODES:
+        if v is not None and v not in LOSS_AGG_MODES:
             raise ValueError(f"must be one of {', '.join(LOSS_AGG_MODES)}")
         return v
 
@@ -241,6 +243,19 @@ class TrainConfig(Section):
         if len(set(v)) != len(v):
             raise ValueError("objectives must be distinct")
         return v
+
+    @model_validator(mode="after")
+    def _estimator_loss_agg(self):
+        from moalign.rl.estimators import PAIRED_LOSS_AGG
+
+        paired = PAIRED_LOSS_AGG.get(self.estimator.name)
+        if self.loss.loss_agg is None:
+            self.loss.loss_agg = paired or "token-mean"
+        elif paired is not None and self.loss.loss_agg != paired:
+            raise ValueError(f"estimator={self.estimator.name} is defined with loss.loss_agg={paired}, got "
+                             f"loss.loss_agg={self.loss.loss_agg}; drop the loss.loss_agg setting, or use "
+                             f"estimator=grpo_no_std for the same advantages with {self.loss.loss_agg}")
+        return self
 
     @model_validator(mode="after")
     def _sampler_logprobs(self):

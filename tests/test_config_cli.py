@@ -102,13 +102,32 @@ def test_cli_resume_needs_a_run_dir(tmp_path, capsys):
 
 
 def test_cli_algorithms_lists_every_weighting(capsys):
+    from moalign.objectives import OBJECTIVES
+    from moalign.rl.estimators import ESTIMATORS
     from moalign.weighting import WEIGHTINGS
 
     assert main(["algorithms"]) == 0
-    out = capsys.readouterr().out
-    for name in WEIGHTINGS.names():
+    out = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
+    for name in WEIGHTINGS.names() + ESTIMATORS.names() + OBJECTIVES.names():
         assert name in out
     assert "reward" in out and "gradient" in out
+    assert "loss.loss_agg: seq-mean-token-sum-norm by default (another is refused)" in out  # dr_grpo's pairing
+    assert "clarity — the paper's rule" in out and "clarity_refined — " in out
+    assert "ideal_mode='running_max'" in out  # Tchebycheff's ideal point, the authors' choice
+
+
+def test_dr_grpo_is_paired_with_the_constant_normalized_token_sum(tmp_path):
+    assert build_config(TrainConfig, {}, []).loss.loss_agg == "token-mean"
+    cfg = build_config(TrainConfig, {}, ["estimator=dr_grpo"])
+    assert cfg.loss.loss_agg == "seq-mean-token-sum-norm"
+    assert build_config(TrainConfig, {}, ["estimator=grpo", "loss.loss_agg=seq-mean-token-sum"]).loss.loss_agg == \
+        "seq-mean-token-sum"
+    with pytest.raises(UserError, match="estimator=dr_grpo is defined with loss.loss_agg=seq-mean-token-sum-norm.*"
+                                        "estimator=grpo_no_std"):
+        build_config(TrainConfig, {}, ["estimator=dr_grpo", "loss.loss_agg=token-mean"])
+    saved = tmp_path / "config.yaml"  # the resolved pairing is what a run saves and reloads
+    saved.write_text(dump_config(cfg))
+    assert build_config(TrainConfig, load_yaml(saved), []).loss.loss_agg == "seq-mean-token-sum-norm"
 
 
 @pytest.mark.parametrize("raw, expected", [

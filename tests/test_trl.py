@@ -158,6 +158,8 @@ def test_plan_maps_the_config_onto_grpo_arguments():
     with pytest.raises(UserError, match="group_size ≥ 2"):
         plan_trl_run(cfg.model_copy(update={"rollout": cfg.rollout.model_copy(update={"group_size": 1})}),
                      Path("out"), 1, True)
+    dr_grpo = build_config(TrainConfig, {}, ["estimator=dr_grpo"])  # paired with TRL's dr_grpo loss by default
+    assert plan_trl_run(dr_grpo, Path("out"), 1, True).arguments["loss_type"] == "dr_grpo"
 
 
 def test_launcher_entry_refuses_planned_trl_fields_before_touching_the_run_directory(tmp_path, capsys):

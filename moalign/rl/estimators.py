@@ -14,6 +14,9 @@ from moalign.registry import Registry
 
 ESTIMATORS: Registry[Callable[..., torch.Tensor]] = Registry("estimator")
 
+# Estimators defined together with a loss aggregation: the config uses it by default and refuses another one.
+PAIRED_LOSS_AGG = {"dr_grpo": "seq-mean-token-sum-norm"}
+
 
 def _group_stats(scores: torch.Tensor, group_ids: torch.Tensor):
     """Per-sample group mean, unbiased group std (0 for groups of one) and group size."""
@@ -47,8 +50,10 @@ def grpo_no_std(scores, group_ids, response_mask=None) -> torch.Tensor:
 
 @ESTIMATORS.register("dr_grpo")
 def dr_grpo(scores, group_ids, response_mask=None) -> torch.Tensor:
-    """Dr. GRPO (Liu et al. 2025): A_b = s_b − mean_g (no std division). Pair it with
-    ``loss_agg=seq-mean-token-sum-norm`` (constant length normalizer) to remove both of GRPO's biases."""
+    """Dr. GRPO (Liu et al. 2025): A_b = s_b − mean_g (no std division), trained with the constant-normalized token
+    sum ``loss.loss_agg=seq-mean-token-sum-norm`` (Σ tokens / (sequences × max length)), which removes GRPO's
+    length bias as the missing std removes its difficulty bias. The config pairs them by default (another
+    aggregation is refused: with it, these advantages are ``grpo_no_std``'s)."""
     return grpo(scores, group_ids, response_mask, norm_by_std=False)
 
 
