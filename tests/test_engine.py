@@ -285,3 +285,28 @@ def test_gradient_level_step_statistics_use_the_weights_the_update_solved(tmp_pa
     torch.testing.assert_close(stats.advantages, (per_obj @ w.to(per_obj.dtype)).float())
     scores = torch.nan_to_num(stats.rewards) @ w.to(stats.rewards.dtype)
     assert record["train/score/mean"] == pytest.approx(float(scores.mean()), rel=1e-5)
+
+
+def test_dynamic_reweighting_trains_on_one_advantage_of_the_weighted_score(tmp_path, monkeypatch):
+    """Dynamic reweighting: the first pass takes the objectives' gradients (for the influence), and the update
+    trains on one column, estimator(Σ_j w_j r_j) with this step's weights, not on Σ_j w_j L_j."""
+    t = Trainer(tiny_config("weighting=dynamic", "steps=1", "weighting.gradient_params=[model.norm.*]"), tmp_path)
+    columns = []
+    policy_losses = t._policy_losses
+    monkeypatch.setattr(t, "_policy_losses", lambda lp, old, adv, m, agg: columns.append(adv.clone())
+                        or policy_losses(lp, old, adv, m, agg))
+    seen = []
+    observe = t.law.observe_step
+    monkeypatch.setattr(t.law, "observe_step", lambda stats: seen.append(stats) or observe(stats))
+    w = t.weighting.weights.clone()
+    record = t.step()
+    stats = seen[0]
+    expected = t.estimator(torch.nan_to_num(stats.rewards) @ w.float(), stats.group_ids, stats.response_mask)
+    torch.testing.assert_close(stats.advantages, expected.float())
+    first_pass = [c for c in columns if c.shape[1] == 3]
+    update_pass = [c for c in columns if c.shape[1] == 1]
+    assert first_pass and update_pass and len(first_pass) + len(update_pass) == len(columns)
+    torch.testing.assert_close(torch.cat(update_pass)[:, 0].sort().values, expected.float().sort().values)
+    assert record["train/score/mean"] == pytest.approx(float((torch.nan_to_num(stats.rewards) @ w.float()).mean()))
+    assert not torch.equal(t.weighting.weights, w)  # the influence moved the weights for the next step
+

@@ -366,6 +366,16 @@ def test_gradient_level_weighting_solves_on_the_batch_gradients_before_the_updat
     assert all(p.requires_grad for p in trainer.model.parameters())  # the first pass's freeze is undone
 
 
+def test_dynamic_reweighting_trains_on_one_advantage_of_the_weighted_score(model_dir, dataset, tmp_path):
+    """Dynamic on TRL: G only sets the weights; TRL trains on grpo(Σ_j w_j r_j) with the step's (initial) weights."""
+    trainer = make_trainer(model_dir, dataset, tmp_path, weighting="dynamic", gradient_params=["model.norm.*"],
+                           max_steps=1)
+    trainer.train()
+    stats = trainer.stats[0]
+    scores = fill_missing(stats.rewards) @ torch.tensor([0.5, 0.5])  # uniform before the first update
+    torch.testing.assert_close(stats.advantages, get_estimator("grpo")(scores, stats.group_ids), atol=1e-6, rtol=0)
+
+
 def test_gradient_params_need_a_gradient_level_weighting(model_dir, dataset, tmp_path):
     with pytest.raises(UserError, match="gradient-level weightings only"):
         make_trainer(model_dir, dataset, tmp_path, weighting="linear", gradient_params=["model.*"])

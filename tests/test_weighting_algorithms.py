@@ -464,6 +464,28 @@ def test_dynamic_update_hand_example():
     torch.testing.assert_close(dynamic.weights, expected)
 
 
+def test_dynamic_trains_on_one_advantage_of_the_weighted_score():
+    """One group, w = (½, ½): a = (1, 0, 0, 0), b = (0, 1, 1, 0) → s = (.5, .5, .5, 0). GRPO on s: mean .375,
+    unbiased std .25 → A = (.5, .5, .5, −1.5): the three equal scores get equal advantages. The per-objective sum
+    ½A(a) + ½A(b) = ½(1.5, −.5, −.5, −.5) + ½(−.866, .866, .866, −.866) would give the first 0.317 and the next
+    two 0.183."""
+    rewards = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [0.0, 0.0]])
+    stats = make_stats(rewards)
+    dynamic = make_weighting("dynamic", ("a", "b"))
+    assert dynamic.trains_on_score
+    advantages = dynamic.advantages(rewards, stats.group_ids, grpo, stats.response_mask)
+    torch.testing.assert_close(advantages, torch.tensor([0.5, 0.5, 0.5, -1.5]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dynamic.scalarize(rewards, stats.group_ids), torch.tensor([0.5, 0.5, 0.5, 0.0]))
+    per_objective_sum = 0.5 * grpo(rewards[:, 0], stats.group_ids) + 0.5 * grpo(rewards[:, 1], stats.group_ids)
+    assert float(per_objective_sum[0] - per_objective_sum[1]) == pytest.approx(1 - math.sqrt(3) / 2, abs=1e-5)
+    # after an update with new weights the score (and so the advantage) uses them
+    dynamic.combine(torch.tensor([[1.0, 0.0], [0.0, 3.0]]), stats)
+    dynamic.update(stats)
+    w = dynamic.weights.float()
+    torch.testing.assert_close(dynamic.advantages(rewards, stats.group_ids, reinforce_pp, stats.response_mask),
+                               reinforce_pp(rewards @ w, stats.group_ids, stats.response_mask))
+
+
 @pytest.mark.parametrize("rewards", [
     [[0.0, 0.0]] * 4,  # all zero
     [[-5.0, -3.0], [-4.0, -1.0], [-6.0, -2.0], [-5.0, -7.0]],  # negative

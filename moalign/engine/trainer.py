@@ -242,9 +242,11 @@ class Trainer:
         mask = rollout.response_mask
         w = self.weighting
         with timer("advantages"):
-            if w.family == "gradient":
+            if w.family == "gradient":  # per_obj: the update's first pass takes each objective's gradient
                 per_obj = per_objective_advantages(scored.rewards, rollout.group_ids, self.estimator, mask)
-                advantages = per_obj @ w.weights.to(per_obj.dtype)  # the update solves w and uses per_obj
+                advantages = (w.advantages(scored.rewards, rollout.group_ids, self.estimator, mask)
+                              if w.trains_on_score  # its weights are fixed within the step
+                              else per_obj @ w.weights.to(per_obj.dtype))  # the update solves w and uses per_obj
             else:
                 per_obj = None
                 advantages = w.advantages(scored.rewards, rollout.group_ids, self.estimator, mask)
@@ -255,7 +257,7 @@ class Trainer:
         with timer("update"):
             upd = self._update(rollout, hidden, old_lp, ref_lp, advantages.float(), per_obj, stats)
             ckpt.fault_point(f"update:{self.step_idx + 1}")
-        if per_obj is not None:  # gradient-level: the signal the update trained on, with the weights it solved
+        if per_obj is not None and not w.trains_on_score:  # the signal trained on, with the weights the update solved
             stats.advantages = (per_obj @ w.weights.to(per_obj.dtype)).float()
             stats.scores = scores = torch.nan_to_num(scored.rewards) @ w.weights.to(scored.rewards.dtype)
         if w.needs_post_update_logprobs or self.law is not None:
@@ -377,7 +379,8 @@ class Trainer:
         The policy loss is that of the advantages ``adv``, or, for a gradient-level weighting, Σ_j w_j L_j over the
         objectives' losses with the weights its ``combine`` chose from their gradients (``_objective_weights``):
         on the chosen parameters the gradient is then the weighting's direction Σ_j w_j g_j, and on the others
-        the same combination of the objectives."""
+        the same combination of the objectives. A weighting that ``trains_on_score`` (dynamic reweighting) reads
+        the gradients only for its weights and trains on ``adv``, one advantage of its weighted score."""
         lc = self.cfg.loss
         agg = dict(mode=lc.loss_agg, norm_len=self.cfg.rollout.max_new_tokens,
                    num_tokens=float(mini.response_mask.sum().clamp(min=1)), num_seqs=float(len(mini)))
@@ -386,6 +389,8 @@ class Trainer:
             columns, weights = adv[:, None], torch.ones(1, device=self.device)
         else:
             columns, weights = per_obj, self._objective_weights(mini, hidden, old_lp, per_obj, stats, agg)
+            if self.weighting.trains_on_score:
+                columns, weights = adv[:, None], torch.ones(1, device=self.device)
         share = (weights.abs() / weights.abs().sum().clamp(min=1e-12)).tolist()  # of each column's clip fraction
         forward_logprobs = []
         logs = {"policy": 0.0, "kl": 0.0, "clipfrac": 0.0, "clipfrac_lower": 0.0}

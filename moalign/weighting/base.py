@@ -6,7 +6,8 @@ Three families share one interface (the engine asks ``family`` which path to tak
 * ``advantage`` — ``advantages(R, groups, estimator, mask) -> A``; per-objective advantages combined
                   (Lagrangian, GDPO, PAMA ...). The default implementation is ``estimator(scalarize(R))``.
 * ``gradient``  — ``combine(G, stats) -> d``: per-objective policy gradients ``G`` [M, P] on a parameter subset
-                  combined into one direction (MGDA, Nash-MTL, ...).
+                  combined into one direction (MGDA, Nash-MTL, ...), or only setting the weights of a score that
+                  the update trains on (``trains_on_score``: dynamic reweighting).
 
 After the policy step the engine calls ``update(stats)``, which returns metrics to log. Weightings see tensors
 only — never a model or a trainer — so the same objects run in the native engine, inside TRL and in the theory lab.
@@ -85,6 +86,9 @@ class Weighting(ABC):
     description: ClassVar[str] = ""
     cost: ClassVar[str] = "none"  # extra cost per step beyond linear, in words
     needs_post_update_logprobs: ClassVar[bool] = False
+    # gradient-level only: True when the per-objective gradients only set the weights and the update trains on
+    # ``advantages()``, one advantage of the weighted score (dynamic reweighting), not on Σ_j w_j L_j
+    trains_on_score: ClassVar[bool] = False
     Params: ClassVar[type[WeightingParams]] = WeightingParams
 
     def __init__(self, objectives: Sequence[str], params: Optional[WeightingParams] = None, **kwargs: Any):

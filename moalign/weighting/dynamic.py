@@ -8,7 +8,14 @@ import torch
 from pydantic import Field
 
 from moalign.weighting._solvers import GradientWeighting
-from moalign.weighting.base import WEIGHTINGS, StepStats, WeightingParams, user_vector
+from moalign.weighting.base import (
+    WEIGHTINGS,
+    Estimator,
+    StepStats,
+    WeightingParams,
+    fill_missing,
+    user_vector,
+)
 
 
 @WEIGHTINGS.register("dynamic")
@@ -19,22 +26,31 @@ class DynamicReweighting(GradientWeighting):
 
         s_i = Σ_j ⟨g_i, g_j⟩ = ⟨g_i, Σ_j g_j⟩                 influence of objective i (row sums of the Gram matrix)
         w ← softmax(log w + η · s / ρ)                         (in ``update``, after the policy step)
-        d = Σ_j w_j g_j                                        (``combine``)
+        score  s_b = Σ_j w_j r_bj  →  one advantage A(s)       (``advantages``: what the policy trains on)
+
+    The per-objective gradients only set the weights (``trains_on_score``): like the authors' code and METHOD §4,
+    the update trains on one advantage of the weighted score s, not on Σ_j w_j A(r_j). The two agree only for a
+    linear estimator; with GRPO's group std or REINFORCE++'s whitening, two completions with equal s would get
+    different advantages from the per-objective sum. (``combine`` returns Σ_j w_j g_j, the direction of s for
+    exact gradients.)
 
     An objective whose gradient aligns with the joint direction gains weight. Defaults: η = 1e-6 (the paper's
     learning rate), ρ = 1e-5, w_0 uniform (or ``initial_weights``). s is averaged over the ``combine`` calls
-    since the previous ``update``; the weights are fixed within a step so the chosen parameters and the rest
-    (``advantages()``) use the same w, and step t's influence moves the weights used from step t + 1 on.
-    The state is log w, kept normalized with log-softmax, so a weight can approach 0 but never reach a −∞ log.
+    since the previous ``update``; the weights are fixed within a step, and step t's influence moves the weights
+    used from step t + 1 on. The state is log w, kept normalized with log-softmax, so a weight can approach 0 but
+    never reach a −∞ log.
 
-    Departure from the public code: it multiplies the step by the learning rate twice (step ∝ lr² ≈ 1e-12), so
-    the weights barely move; here η is applied once.
+    Departures from the public code: it multiplies the step by the learning rate twice (step ∝ lr² ≈ 1e-12), so
+    the weights barely move; here η is applied once. And it takes the per-objective gradients on the whole batch
+    before the update and applies step t's influence to step t's own score; here they come from the update's
+    first pass (per mini-batch, see docs/algorithms.md), so the influence applies from the next step on.
     """
 
     name = "dynamic"
     description = "mirror ascent on the weights by gradient influence s_i = Σ_j ⟨g_i, g_j⟩"
     cost = "one extra forward and M backward passes on the chosen parameters (weighting.gradient_params)"
     state_fields = ("_weights", "log_weights", "influence_sum", "num_combines")
+    trains_on_score = True
 
     class Params(WeightingParams):
         lr: float = Field(1e-6, gt=0, description="η, applied once (the paper's learning rate)")
@@ -52,6 +68,18 @@ class DynamicReweighting(GradientWeighting):
     def initial_weights(self) -> torch.Tensor:
         w0 = user_vector(self.params.initial_weights, self.num_objectives, "weighting.initial_weights")
         return w0 / w0.sum()
+
+    def scalarize(self, rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+        """s = Σ_j w_j r_j with this step's weights (missing rewards count as 0)."""
+        self._check_rewards(rewards)
+        return (fill_missing(rewards).double() @ self.weights.to(rewards.device)).to(rewards.dtype)
+
+    def advantages(
+        self, rewards: torch.Tensor, group_ids: torch.Tensor, estimator: Estimator, response_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """One advantage of the weighted score: estimator(Σ_j w_j r_j)."""
+        advantages = estimator(self.scalarize(rewards, group_ids), group_ids, response_mask)
+        return self._finite(advantages, torch.zeros_like(advantages))
 
     def solve_weights(self, gram: torch.Tensor, stats: StepStats) -> torch.Tensor:
         self.influence_sum = self.influence_sum + gram.sum(dim=1)

@@ -5,8 +5,9 @@ gradients on the chosen parameters (``gradient_params``), and sums them over pro
 ``combine`` reads its weights w off the summed G, identically everywhere. TRL's loss then trains on the advantages
 Σ_j w_j A_j: at π = π_old its gradient is Σ_j w_j ∇L_j, the weighting's direction on the chosen parameters and the
 same combination elsewhere (exact for the first optimizer step of a generation batch; later ones, with several
-mini-batches or PPO epochs, clip the combined advantage). One process or DDP only: DeepSpeed and FSDP shard the
-gradients this pass needs whole.
+mini-batches or PPO epochs, clip the combined advantage). A weighting that ``trains_on_score`` (dynamic
+reweighting) reads G only for its weights: TRL trains on its ``advantages``, one advantage of Σ_j w_j r_j.
+One process or DDP only: DeepSpeed and FSDP shard the gradients this pass needs whole.
 """
 
 from __future__ import annotations
