@@ -202,7 +202,7 @@ class DiagnosticsConfig(Section):
     probe_group_size: int = Field(4, ge=1)
     warn_after: int = Field(3, ge=1, description="warn when an objective's covariance is negative this many steps")
     j_star: Optional[float] = Field(None, description="J* of the scalarized score for the μ-PL estimate; None: the "
-                                    "score of an all-ones reward vector")
+                                    "score of an all-ones reward vector under each step's weights")
 
 
 class CheckpointConfig(Section):

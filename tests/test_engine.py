@@ -310,3 +310,19 @@ def test_dynamic_reweighting_trains_on_one_advantage_of_the_weighted_score(tmp_p
     assert record["train/score/mean"] == pytest.approx(float((torch.nan_to_num(stats.rewards) @ w.float()).mean()))
     assert not torch.equal(t.weighting.weights, w)  # the influence moved the weights for the next step
 
+
+def test_mu_pl_gap_uses_j_star_under_the_steps_weights(tmp_path):
+    """CTWA's weights grow without renormalization: J* is the all-ones score under the weights the step trained
+    with (here λ = (1, 1, 1), J* = 3), so the gap J* − J stays ≥ 0 and no point is dropped. A J* fixed from the
+    initial weights (1/3 each, J* = 1) would put the batch score above it."""
+    t = Trainer(tiny_config("weighting=ctwa", "steps=1"), tmp_path)
+    t.weighting.log_weights = torch.zeros(3, dtype=torch.float64)  # λ = 1 for every objective
+    record = t.step()
+    assert record["pl/j_star"] == pytest.approx(3.0)
+    assert record["pl/gap"] == pytest.approx(3.0 - record["train/score/mean"])
+    assert record["pl/gap"] > 0 and record["pl/dropped_points"] == 0.0
+    (tmp_path / "fixed").mkdir()
+    fixed = Trainer(tiny_config("weighting=ctwa", "steps=1", "diagnostics.j_star=0.0"), tmp_path / "fixed")
+    record = fixed.step()
+    assert record["pl/j_star"] == 0.0 and record["pl/dropped_points"] == float(record["train/score/mean"] >= 0)
+

@@ -60,9 +60,23 @@ def test_pl_estimator_streams_the_running_minimum():
     estimator = PLEstimator()
     assert math.isnan(estimator.update(1.0, J=1.0, J_star=1.0)["pl/mu_hat"])
     metrics = estimator.update(4.0, J=0.0, J_star=1.0)
-    assert metrics == {"pl/mu_hat": 2.0, "pl/grad_sq_norm": 4.0, "pl/gap": 1.0}
+    assert metrics == {"pl/mu_hat": 2.0, "pl/grad_sq_norm": 4.0, "pl/gap": 1.0, "pl/j_star": 1.0,
+                       "pl/dropped_points": 1.0}  # the first point (gap 0) was dropped, and counted
     assert estimator.update(1.0, J=-1.0, J_star=1.0)["pl/mu_hat"] == 0.25
     assert estimator.update(9.0, J=0.5, J_star=1.0)["pl/mu_hat"] == 0.25  # a larger ratio never raises μ̂
+
+
+def test_points_at_or_above_j_star_are_dropped_visibly():
+    """A negative gap (J above J*: e.g. a J* that no longer matches the weights) says nothing about μ; it is left
+    out of μ̂ and counted, and the count survives a checkpoint."""
+    estimator = PLEstimator()
+    assert estimator.update(2.0, J=1.35, J_star=1.0)["pl/dropped_points"] == 1.0
+    metrics = estimator.update(2.0, J=0.5, J_star=1.0)
+    assert metrics["pl/mu_hat"] == 2.0 and metrics["pl/dropped_points"] == 1.0
+    assert estimator.update(2.0, J=1.0, J_star=1.0)["pl/dropped_points"] == 2.0  # gap exactly 0
+    resumed = PLEstimator()
+    resumed.load_state_dict(estimator.state_dict())
+    assert (resumed.mu_hat, resumed.num_dropped) == (2.0, 2)
 
 
 def test_estimate_L_on_a_quadratic():

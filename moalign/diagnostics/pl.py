@@ -11,6 +11,14 @@ and the largest local curvature seen between successive points bounds L from bel
     L̂ = max_t ‖∇J_{t+1} − ∇J_t‖ / ‖θ_{t+1} − θ_t‖.
 
 All functions are pure (floats and tensors in, floats out), so they run on a toy problem or along an LM run.
+
+Along a training run (``PLEstimator`` in the native engine) each step gives one point of the function the step
+optimizes, the scalarization with that step's weights: J_t = the batch's mean scalarized score, J*_t = the score of
+a completion that satisfies every objective under the same weights (``diagnostics.j_star`` fixes it), and ‖∇J_t‖ =
+``actor/grad_norm``, the norm of the gradient of the clipped surrogate loss with its KL term, before clipping,
+averaged over the step's optimizer steps. Weights that change (CTWA's grow without renormalization) change J and J*
+together, so the gap stays on one scale. A point whose gap is at most ``TINY_GAP`` (J at or above J*) constrains
+nothing: it is left out of μ̂ and counted (``pl/dropped_points``).
 """
 
 from __future__ import annotations
@@ -59,6 +67,7 @@ class PLEstimator:
     def __init__(self, tiny: float = TINY_GAP):
         self.tiny = tiny
         self._min_ratio = math.inf
+        self.num_dropped = 0  # points with gap ≤ tiny: no constraint on μ
 
     @property
     def mu_hat(self) -> float:
@@ -67,11 +76,14 @@ class PLEstimator:
 
     def update(self, grad_sq_norm: float, J: float, J_star: float) -> dict[str, float]:
         gap = float(J_star) - float(J)
+        self.num_dropped += gap <= self.tiny
         self._min_ratio = min(self._min_ratio, pl_ratio(grad_sq_norm, gap, self.tiny))
-        return {"pl/mu_hat": self.mu_hat, "pl/grad_sq_norm": float(grad_sq_norm), "pl/gap": gap}
+        return {"pl/mu_hat": self.mu_hat, "pl/grad_sq_norm": float(grad_sq_norm), "pl/gap": gap,
+                "pl/j_star": float(J_star), "pl/dropped_points": float(self.num_dropped)}
 
     def state_dict(self) -> dict[str, float]:
-        return {"min_ratio": self._min_ratio}
+        return {"min_ratio": self._min_ratio, "num_dropped": self.num_dropped}
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         self._min_ratio = state["min_ratio"]
+        self.num_dropped = int(state.get("num_dropped", 0))

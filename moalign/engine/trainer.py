@@ -184,7 +184,7 @@ class Trainer:
         d = cfg.diagnostics
         self.law = LawMonitor(self.objective_names, d.warn_after) if d.law else None
         self.pl = PLEstimator()
-        self.j_star = d.j_star if d.j_star is not None else self._max_score()
+        self.j_star = math.nan  # J* of the last step's scalarization (μ-PL), set every step
         n_probe = d.probe_prompts if d.probe_prompts is not None else (8 if cfg.model.name == "tiny" else 0)
         self.num_probe = min(n_probe, len(self.splits["val"])) if d.law else 0
         self._probe_last: torch.Tensor | None = None  # probe means under the current policy (recomputable)
@@ -264,6 +264,8 @@ class Trainer:
             with timer("post_logprobs"), self._top_only(self.model):
                 self.model.eval()
                 stats.new_logprobs = self._post_update_logprobs(rollout, hidden, stats, mb)
+        # J* under the weights this step trained with (before update() moves them), so J* − J stays on one scale
+        self.j_star = cfg.diagnostics.j_star if cfg.diagnostics.j_star is not None else self._max_score()
         with timer("weighting"):
             wmetrics = w.update(stats)
         self.step_idx += 1
@@ -455,8 +457,8 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ diagnostics
 
     def _max_score(self) -> float:
-        """J* for the μ-PL estimate: the scalarized score of a sample that satisfies every objective (rewards in
-        [0, 1]); for advantage- and gradient-level weightings, the sum of the current weights."""
+        """J* for the μ-PL estimate under the current weights: the scalarized score of a sample that satisfies every
+        objective (rewards in [0, 1]); for advantage- and gradient-level weightings, the sum of the weights."""
         ones = torch.ones(1, len(self.objective_names))
         if self.weighting.family == "reward":
             return float(self.weighting.scalarize(ones, torch.zeros(1, dtype=torch.long)))
@@ -639,7 +641,8 @@ class Trainer:
                 "weighting": self.cfg.weighting.name, "final_weights": self.weighting.named_weights(),
                 "eval": table, "skipped_steps": self.skipped_steps,
                 "law": None if self.law is None else self.law.summary(), "pl": {"mu_hat": self.pl.mu_hat,
-                                                                                "j_star": self.j_star}}
+                                                                                "j_star": self.j_star,
+                                                                                "dropped_points": self.pl.num_dropped}}
 
 
 def _rows(t: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor | None:
