@@ -116,6 +116,18 @@ def test_cli_algorithms_lists_every_weighting(capsys):
     assert "ideal_mode='running_max'" in out  # Tchebycheff's ideal point, the authors' choice
 
 
+def test_algorithms_doc_table_matches_the_registry():
+    """docs/algorithms.md's table shows what `moalign algorithms` prints: description, defaults, cost."""
+    from pathlib import Path
+
+    from moalign.weighting import WEIGHTINGS
+
+    doc = (Path(__file__).parents[1] / "docs" / "algorithms.md").read_text()
+    for name, cls in WEIGHTINGS.items():
+        defaults = ", ".join(f"`{k}={f.default!r}`" for k, f in cls.Params.model_fields.items()) or "—"
+        assert f"| `{name}` | {cls.family} | {cls.description} | {defaults} | {cls.cost} |" in doc, name
+
+
 def test_dr_grpo_is_paired_with_the_constant_normalized_token_sum(tmp_path):
     assert build_config(TrainConfig, {}, []).loss.loss_agg == "token-mean"
     cfg = build_config(TrainConfig, {}, ["estimator=dr_grpo"])

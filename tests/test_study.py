@@ -151,6 +151,10 @@ def test_presets_validate_in_a_dry_run_without_loading_models(preset, tmp_path, 
             expected = ["model.layers.2[67].*", "model.norm.*"] if r.config.weighting.name in (
                 "dynamic", "mgda", "gradnorm", "nash_mtl") else None  # gradient-level: the top blocks only
             assert r.config.weighting.gradient_params == expected
+            assert r.config.objectives == ["accuracy", "conciseness", "clarity"]  # clarity: the paper's rule
+            if r.config.weighting.name in ("tchebycheff", "smooth_tchebycheff"):  # z: the authors' running max
+                assert r.config.weighting.params().get("ideal_point") is None
+                assert r.config.weighting.params().get("ideal_mode", "running_max") == "running_max"
 
 
 def test_dry_run_reports_missing_data():

@@ -47,7 +47,8 @@ class DynamicReweighting(GradientWeighting):
     """
 
     name = "dynamic"
-    description = "mirror ascent on the weights by gradient influence s_i = Σ_j ⟨g_i, g_j⟩"
+    description = ("mirror ascent on the weights by gradient influence s_i = Σ_j ⟨g_i, g_j⟩; trains on one advantage "
+                   "of Σ_j w_j r_j")
     cost = "one extra forward and M backward passes on the chosen parameters (weighting.gradient_params)"
     state_fields = ("_weights", "log_weights", "influence_sum", "num_combines")
     trains_on_score = True

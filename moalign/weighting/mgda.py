@@ -20,6 +20,12 @@ class MGDA(GradientWeighting):
     gradient on the simplex (``_solvers.min_norm_weights``), solved on the trace-normalized Gram matrix so the
     weights do not depend on the gradient scale.
 
+    A zero gradient stops the step: an objective whose gradient is 0 (e.g. every group tied on it, so all its
+    advantages are 0) puts 0 in conv{g_j}, the min-norm point is 0 and α puts all weight on that objective; the
+    direction, and ``advantages()`` = that objective's zero advantages, are 0, so only the KL term moves the
+    policy. This is MGDA's definition (the point is Pareto-stationary for the objectives as given), kept as is;
+    Nash-MTL instead leaves such an objective out of the bargain.
+
     Solver choice: torchjd's ``MGDA`` runs Frank–Wolfe with a γ < 1e-3 stopping rule; on 3-gradient problems it
     was measured up to 22 % above the true minimum of αᵀGα, so the projected-gradient solver is used instead.
     Departure from the public code: it solves on each data-parallel shard's slice of the gradient without an

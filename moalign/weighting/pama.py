@@ -55,10 +55,14 @@ class PAMA(StatefulWeighting):
     positive signal, and an objective with no positive advantage in the whole batch (a_j = 0) makes the step
     Pareto-stationary (A = 0).
 
-    Departure from the public code: it uses s* itself as the advantage of every sampled token, which pushes all
+    Departures from the public code: it uses s* itself as the advantage of every sampled token, which pushes all
     sampled tokens up by the same amount and drops which completion earned the reward (no per-sample credit).
     Here s* only decides the weights α, and each completion keeps its own advantages A⁺_bj — the objective the
-    surrogate was derived for; its token-mean is exactly s* = Σ_j α_j a_j.
+    surrogate was derived for; its token-mean is exactly s* = Σ_j α_j a_j. And the authors' Noon-PPO loss,
+    −s*·min(r, clip(r, 1−ε, 1+ε)) with r = π_θ/π_ref, takes its ratio against the *reference* model, so a token
+    whose probability has risen above (1+ε)·π_ref gets no gradient (at the start of a step, the indicator
+    π_old/π_ref ≤ 1+ε). Here the advantages go through the engine's ordinary clipped surrogate against π_old and
+    the KL term, like every other weighting: that indicator is dropped.
     """
 
     name = "pama"

@@ -47,7 +47,8 @@ class SmoothTchebycheff(StatefulWeighting):
 
     name = "smooth_tchebycheff"
     family = "reward"
-    description = "s = Σ softmax(ℓ/T)_j r_j with mirror-descent ℓ_j += η p_j (z_j − mean r_j)"
+    description = ("s = Σ softmax(ℓ/T)_j r_j with mirror-descent ℓ_j += η p_j (z_j − mean r_j), z = running max of "
+                   "every completion's reward")
     cost = "none"
     state_fields = ("log_weights", "running_ideal")
 
