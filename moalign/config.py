@@ -39,7 +39,10 @@ class LoRAConfig(Section):
 
 class ModelConfig(Section):
     name: str = Field("smollm2-135m", description="'tiny', 'smollm2-135m' (embedded), a HF hub id or a local path")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    precision: Literal["fp32", "bf16-mixed", "bf16-pure"] = Field(
+        "fp32", description="fp32; bf16-mixed: fp32 weights and optimizer state, every forward, backward and the "
+        "sampler in bfloat16 (autocast); bf16-pure: the weights themselves in bfloat16 (updates below bf16's "
+        "resolution round away: a warning says when the learning rate is that small)")
     train_last_k_layers: Optional[int] = Field(None, ge=1, description="train only the last k transformer blocks")
     reuse_frozen_trunk: bool = Field(True, description="with train_last_k_layers: run the frozen blocks once per "
                                      "step and only the top k in the reference, update and post-update passes")
@@ -47,6 +50,20 @@ class ModelConfig(Section):
     revision: Optional[str] = None
     system_prompt: Optional[str] = Field(None, description="system message before every prompt; None: the model's "
                                          "default (a one-shot answer-format example for smollm2-135m), '' for none")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dtype_is_precision(cls, data):
+        """``dtype`` (the key before ``precision``): float32 is read as precision fp32; a half-precision dtype is an
+        error, since it loaded the weights themselves in half precision (now ``bf16-pure``, rarely what is meant)."""
+        if isinstance(data, dict) and "dtype" in data:
+            data = dict(data)
+            dtype = data.pop("dtype")
+            if dtype != "float32":
+                raise ValueError(f"model.dtype={dtype} is now model.precision: bf16-mixed (fp32 weights, bf16 "
+                                 f"compute) or bf16-pure (bf16 weights)")
+            data.setdefault("precision", "fp32")
+        return data
 
 
 class RolloutConfig(Section):
@@ -72,7 +89,7 @@ class LossConfig(Section):
     old_logprobs: Literal["auto", "sampler", "recompute"] = Field(
         "auto", description="π_old of an update that is not exactly on-policy (several mini-batches or PPO epochs): "
         "'sampler' reuses the fast sampler's log-probs (no extra forward), 'recompute' runs a forward; 'auto': "
-        "the sampler's in float32, a forward in half precision (KV-cache decoding rounds differently there)")
+        "the sampler's in fp32, a forward in the bf16 precisions (KV-cache decoding rounds differently there)")
 
     @field_validator("kl_estimator")
     @classmethod

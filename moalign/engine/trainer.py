@@ -50,6 +50,7 @@ from moalign.engine.evaluation import (
 from moalign.engine.linear_grads import LinearGradientsInPlace
 from moalign.engine.memory import trim_heap_if_large
 from moalign.engine.metrics import MetricsWriter
+from moalign.engine.precision import compute_context, hold_linears_in_bf16, in_context, warn_if_updates_round_away
 from moalign.engine.rollout import Rollout, micro_batch_logprobs, response_logprobs
 from moalign.engine.sampler import fast_generate
 from moalign.engine.trunk import FrozenTrunk
@@ -158,9 +159,13 @@ class Trainer:
         model, self.tokenizer = load_model(cfg.model)
         self.prompt_tokens = {name: encode_prompts(self.tokenizer, name, exs, cfg.rollout.max_prompt_tokens,
                                                    system_prompt_for(cfg.model)) for name, exs in self.splits.items()}
+        # every forward and backward runs in this context (bf16 autocast for model.precision=bf16-mixed)
+        self.compute = partial(compute_context, cfg.model.precision, self.device)
         self.reference = None
         if cfg.loss.kl_coef > 0 and cfg.model.lora is None:
             self.reference = copy.deepcopy(model).eval().requires_grad_(False).to(self.device)
+            if cfg.model.precision == "bf16-mixed":  # it never trains: bf16 copies give autocast's own numbers
+                hold_linears_in_bf16(self.reference)
         self.model = prepare_trainable(model, cfg.model).to(self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         if not self.params:
@@ -173,6 +178,7 @@ class Trainer:
             self.trunk = FrozenTrunk.for_model(self.model, cfg.model.train_last_k_layers)
         o = cfg.optim
         self.optimizer = make_adamw(self.params, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas)
+        warn_if_updates_round_away(self.params, o.lr, cfg.model.precision)
         self.stream = PromptStream(len(self.splits["train"]), cfg.seed)
         self.step_idx = 0
         self.skipped_steps = 0
@@ -188,8 +194,8 @@ class Trainer:
         n_probe = d.probe_prompts if d.probe_prompts is not None else (8 if cfg.model.name == "tiny" else 0)
         self.num_probe = min(n_probe, len(self.splits["val"])) if d.law else 0
         self._probe_last: torch.Tensor | None = None  # probe means under the current policy (recomputable)
-        self.generate = (partial(fast_generate, pack_weights=cfg.rollout.pack_weights)
-                         if cfg.rollout.sampler == "fast" else hf_rollout.generate)
+        self.generate = in_context(self.compute, partial(fast_generate, pack_weights=cfg.rollout.pack_weights)
+                                   if cfg.rollout.sampler == "fast" else hf_rollout.generate)
         if resume:
             self._resume()
 
@@ -227,17 +233,17 @@ class Trainer:
                 self._probe_last = self._probe_means()
         hidden = None  # the frozen trunk's output, shared by every pass below
         if self.trunk is not None:
-            with timer("trunk"):
+            with timer("trunk"), self.compute():
                 hidden = self.trunk.hidden_states(self.model, rollout, mb)
         old_lp = None  # exactly on-policy (1 epoch, 1 mini-batch): π_old is the update's own detached forward
         if not self._exactly_on_policy():
             old_lp = self._sampler_logprobs_as_old(rollout)
             if old_lp is None:
-                with timer("old_logprobs"), self._top_only(self.model):
+                with timer("old_logprobs"), self._top_only(self.model), self.compute():
                     old_lp = response_logprobs(self.model, rollout, mb, r.temperature, trunk_hidden=hidden).cpu()
         ref_lp = None
         if cfg.loss.kl_coef > 0:
-            with timer("ref_logprobs"):
+            with timer("ref_logprobs"), self.compute():
                 ref_lp = self._reference_logprobs(rollout, hidden, mb)
         mask = rollout.response_mask
         w = self.weighting
@@ -259,7 +265,7 @@ class Trainer:
             stats.advantages = (per_obj @ w.weights.to(per_obj.dtype)).float()
             stats.scores = scores = torch.nan_to_num(scored.rewards) @ w.weights.to(scored.rewards.dtype)
         if w.needs_post_update_logprobs or self.law is not None:
-            with timer("post_logprobs"), self._top_only(self.model):
+            with timer("post_logprobs"), self._top_only(self.model), self.compute():
                 self.model.eval()
                 stats.new_logprobs = self._post_update_logprobs(rollout, hidden, stats, mb)
         with timer("weighting"):
@@ -358,11 +364,12 @@ class Trainer:
     def _sampler_logprobs_as_old(self, rollout: Rollout) -> torch.Tensor | None:
         """The sampler's per-token log-probs as π_old, which saves a forward pass. They are log π under the same
         weights and temperature, from the KV-cache decode instead of one forward over the sequence: equal to ≈ 1e-5
-        in float32, but not in half precision, where ``auto`` recomputes."""
+        in fp32, but not in bf16, where matmuls of other shapes round differently and ``auto`` recomputes
+        (docs/performance.md measures the difference)."""
         mode = self.cfg.loss.old_logprobs
         if mode == "recompute" or rollout.sampler_logprobs is None:
             return None
-        if mode == "auto" and next(self.model.parameters()).dtype != torch.float32:
+        if mode == "auto" and self.cfg.model.precision != "fp32":
             return None
         return rollout.sampler_logprobs
 
@@ -418,9 +425,10 @@ class Trainer:
         mb = self.cfg.optim.micro_batch_size
         for start in range(0, len(mini), mb):
             sl = slice(start, start + mb)
-            lp = micro_batch_logprobs(self.model, mini.prompt_ids[sl], mini.prompt_mask[sl], mini.response_ids[sl],
-                                      mini.response_mask[sl], self.cfg.rollout.temperature, grad=True,
-                                      trunk_hidden=_rows(hidden, sl))
+            with self.compute():  # the forward; its backward runs in the dtypes the forward chose
+                lp = micro_batch_logprobs(self.model, mini.prompt_ids[sl], mini.prompt_mask[sl],
+                                          mini.response_ids[sl], mini.response_mask[sl], self.cfg.rollout.temperature,
+                                          grad=True, trunk_hidden=_rows(hidden, sl))
             yield sl, mini.response_mask[sl].to(self.device), lp
 
     def _policy_losses(self, lp, old, advantages, m, agg) -> tuple[list[torch.Tensor], list]:

@@ -14,7 +14,9 @@ from moalign.models.smollm2 import SMOLLM2_NAMES, SMOLLM2_SYSTEM_PROMPT, load_sm
 if TYPE_CHECKING:
     from moalign.config import ModelConfig
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# the dtype the weights are loaded in, per model.precision: bf16-mixed keeps fp32 weights (the master copy the
+# optimizer updates) and computes in bf16 under autocast (engine/precision.py)
+WEIGHT_DTYPES = {"fp32": torch.float32, "bf16-mixed": torch.float32, "bf16-pure": torch.bfloat16}
 
 
 def _quiet_transformers():
@@ -40,7 +42,7 @@ def _load_hf(name: str, dtype: torch.dtype, revision: str | None):
 def load_model(cfg: "ModelConfig"):
     """Return ``(model, tokenizer)``; the tokenizer has a pad token and a chat template."""
     _quiet_transformers()
-    dtype = DTYPES[cfg.dtype]
+    dtype = WEIGHT_DTYPES[cfg.precision]
     if cfg.name == "tiny":
         from moalign.models.tiny import load_tiny
 

@@ -1,0 +1,198 @@
+"""model.precision: an optimizer step at the paper's learning rate moves the master weights in every mode that
+trains (native engine and engine=trl), bf16-mixed really computes in bf16, bf16-pure warns, and the bf16 shortcuts
+(the reference held in bf16, the sampler's cache stored in bf16, packed bf16 weights) give autocast's own bits."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from moalign.config import ModelConfig, TrainConfig, build_config
+from moalign.engine.precision import compute_context, fraction_rounding_away, hold_linears_in_bf16
+from moalign.errors import UserError
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_sampler import LlamaConfig, LlamaForCausalLM, random_prompts, tiny_model, word_tokenizer  # noqa: E402
+
+torch.set_num_threads(1)
+
+LR = 1e-6  # the paper's learning rate
+TINY = ["model=tiny", "steps=1", "rollout.prompts_per_step=2", "rollout.group_size=4", "rollout.max_new_tokens=24",
+        "log.progress=false", "threads=1", "data.num_train=16", "data.num_val=4", "data.num_test=4",
+        f"optim.lr={LR}", "weighting=linear", "seed=1"]
+
+
+def fraction_changed(before: dict[str, torch.Tensor], model: nn.Module) -> float:
+    """The fraction of the elements of ``before``'s parameters that differ in ``model`` (compared in the model's
+    dtype, so a bf16 model is compared with its initial weights cast to bf16)."""
+    changed = total = 0
+    for name, p in model.named_parameters():
+        if name in before:
+            changed += int((p.detach() != before[name].to(p.dtype)).sum())
+            total += p.numel()
+    return changed / total
+
+
+class LinearOutputDtypes:
+    """The dtypes every ``nn.Linear`` output had while the block ran (a global forward hook)."""
+
+    def __enter__(self):
+        self.dtypes: set[torch.dtype] = set()
+        self._hook = nn.modules.module.register_module_forward_hook(
+            lambda module, args, out: self.dtypes.add(out.dtype) if isinstance(module, nn.Linear) else None)
+        return self
+
+    def __exit__(self, *exc):
+        self._hook.remove()
+
+
+def native_step(tmp_path, precision: str):
+    from moalign.engine.trainer import Trainer
+
+    cfg = build_config(TrainConfig, {}, TINY + [f"model.precision={precision}"])
+    trainer = Trainer(cfg, tmp_path)
+    trainer._evaluate_start = lambda: None
+    before = {k: v.detach().clone() for k, v in trainer.model.named_parameters() if v.requires_grad}
+    with LinearOutputDtypes() as seen:
+        trainer.step()
+    return trainer, fraction_changed(before, trainer.model), seen.dtypes
+
+
+# ---- the update reaches the weights -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16-mixed"])
+def test_native_step_at_lr_1e_6_moves_the_master_weights(tmp_path, precision):
+    trainer, changed, linear_dtypes = native_step(tmp_path, precision)
+    # Adam's first step is ≈ ±lr on every weight with a gradient: 99.7 % of the tiny model's trainable weights here
+    # (its unused embedding rows have none); pure bf16 weights keep 0.6 % of those steps (the next test)
+    assert changed > 0.99
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+    state = trainer.optimizer.state[trainer.params[0]]
+    assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.float32
+    # the compute: every linear layer's output in bf16 under bf16-mixed (sampler, passes, update), fp32 otherwise
+    assert linear_dtypes == ({torch.bfloat16} if precision == "bf16-mixed" else {torch.float32})
+
+
+def test_native_bf16_pure_warns_and_its_weights_barely_move(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="moalign.engine.precision"):
+        trainer, changed, _ = native_step(tmp_path, "bf16-pure")
+    assert "bf16-pure with optim.lr=1e-06" in caplog.text and "bf16-mixed" in caplog.text
+    assert next(trainer.model.parameters()).dtype == torch.bfloat16
+    assert changed < 0.02  # the bug bf16-mixed fixes: the step rounds away
+
+
+def test_reference_is_held_in_bf16_and_old_logprobs_are_recomputed_in_bf16(tmp_path):
+    from moalign.engine.trainer import Trainer
+
+    cfg = build_config(TrainConfig, {}, TINY + ["model.precision=bf16-mixed", "optim.mini_batches=2"])
+    trainer = Trainer(cfg, tmp_path)
+    linears = [m for m in trainer.reference.modules() if isinstance(m, nn.Linear)]
+    assert linears and all(m.weight.dtype == torch.bfloat16 for m in linears)
+    assert trainer.reference.get_input_embeddings().weight.dtype == torch.float32
+    rollout = type("R", (), {"sampler_logprobs": torch.zeros(2, 3)})()
+    assert trainer._sampler_logprobs_as_old(rollout) is None  # auto: the KV-cache decode rounds differently in bf16
+    trainer.cfg.model.precision = "fp32"
+    assert trainer._sampler_logprobs_as_old(rollout) is rollout.sampler_logprobs
+
+
+@pytest.fixture(scope="module")
+def random_model_dir(tmp_path_factory) -> Path:
+    from trl_ddp_script import build_random_model
+
+    from moalign.data import DataConfig, load_data
+
+    corpus = [ex.prompt for _, split in load_data(DataConfig(num_train=64)).items() for ex in split]
+    return build_random_model(tmp_path_factory.mktemp("model"), corpus)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16-mixed", "bf16-pure"])
+def test_trl_step_at_lr_1e_6_moves_the_master_weights(random_model_dir, tmp_path, precision):
+    from transformers import AutoModelForCausalLM
+    from trl_ddp_script import small_run_overrides
+
+    from moalign.integrations.trl import train_with_trl
+
+    run = tmp_path / "run"
+    cfg = build_config(TrainConfig, {}, small_run_overrides(random_model_dir, run) + [
+        "steps=1", f"optim.lr={LR}", f"model.precision={precision}", "checkpoint.every=0"])
+    with LinearOutputDtypes() as seen:
+        train_with_trl(cfg, run)
+    initial = AutoModelForCausalLM.from_pretrained(random_model_dir).state_dict()
+    trained = AutoModelForCausalLM.from_pretrained(run / "model", dtype="auto")
+    changed = fraction_changed(initial, trained)
+    if precision == "bf16-pure":
+        assert trained.dtype == torch.bfloat16 and changed < 0.05
+    else:  # accelerate's bf16 autocast over fp32 weights: the exported master weights moved
+        assert trained.dtype == torch.float32 and changed > 0.99
+    assert seen.dtypes == ({torch.float32} if precision == "fp32" else {torch.bfloat16})
+
+
+# ---- configuration ----------------------------------------------------------------------------------------------
+
+def test_model_dtype_float32_reads_as_fp32_and_half_precision_names_the_new_key():
+    assert build_config(TrainConfig, {"model": {"name": "tiny", "dtype": "float32"}}).model.precision == "fp32"
+    assert ModelConfig().precision == "fp32"
+    with pytest.raises(UserError, match="model.dtype=bfloat16 is now model.precision: bf16-mixed"):
+        build_config(TrainConfig, {}, ["model.dtype=bfloat16"])
+    with pytest.raises(UserError, match="model.precision"):
+        build_config(TrainConfig, {}, ["model.precision=fp16"])
+
+
+def test_fraction_rounding_away_by_hand_and_against_the_rounding_itself():
+    # bf16 half spacings: 2^-8 at 1.0, 2^-14 at 0.02; 0 and 2^-20 move by any step of 1e-3 (or 1e-5 below)
+    w = torch.tensor([1.0, 0.02, 0.0, 2.0**-20], dtype=torch.bfloat16)
+    assert fraction_rounding_away([w], 1e-3) == 0.25  # only 1.0 is stuck
+    assert fraction_rounding_away([w], 1e-5) == 0.5  # 1.0 and 0.02
+    assert fraction_rounding_away([w.float()], 1e-5) == 0.0  # fp32: nothing is stuck at these sizes
+    weights = (torch.randn(100_000, generator=torch.Generator().manual_seed(0)) * 0.05).to(torch.bfloat16)
+    for step in (1e-6, 1e-5, 1e-4):
+        stuck = float(((weights.float() + step).to(torch.bfloat16) == weights).float().mean())
+        assert fraction_rounding_away([weights], step) == pytest.approx(stuck, abs=2e-3)
+
+
+# ---- bf16 copies give autocast's bits --------------------------------------------------------------------------
+
+def test_reference_held_in_bf16_gives_the_fp32_models_autocast_logits():
+    model = tiny_model(LlamaConfig, LlamaForCausalLM, tie_word_embeddings=True)
+    ids = torch.randint(2, 32, (3, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), compute_context("bf16-mixed", "cpu"):
+        expected = model(input_ids=ids).logits
+        held = hold_linears_in_bf16(tiny_model(LlamaConfig, LlamaForCausalLM, tie_word_embeddings=True))
+        got = held(input_ids=ids).logits
+    assert expected.dtype == torch.bfloat16 and torch.equal(got, expected)
+    assert held.lm_head.weight.dtype == torch.bfloat16 and held.get_input_embeddings().weight.dtype == torch.float32
+
+
+def test_sampler_under_autocast_stores_the_cache_in_bf16_and_matches_generate():
+    from moalign.engine import sampler
+    from moalign.engine.rollout import generate
+
+    model, tokenizer = tiny_model(LlamaConfig, LlamaForCausalLM), word_tokenizer()
+    prompts = random_prompts(8, seed=6)
+    index = list(range(len(prompts)))
+    storage = []
+    original = sampler.SlotLayer.__init__
+
+    def recording(self, *args):
+        original(self, *args)
+        storage.append(self.key_store.dtype)
+
+    sampler.SlotLayer.__init__ = recording
+    try:
+        with compute_context("bf16-mixed", "cpu"):
+            fast = sampler.fast_generate(model, tokenizer, prompts, index, index, 16, greedy=True)
+            plain = sampler.fast_generate(model, tokenizer, prompts, index, index, 16, greedy=True,
+                                          pack_weights=False, lean=False)
+            reference = generate(model, tokenizer, prompts, index, index, 16, greedy=True)
+    finally:
+        sampler.SlotLayer.__init__ = original
+    assert storage and set(storage) == {torch.bfloat16}
+    assert torch.equal(fast.response_ids, reference.response_ids) and torch.equal(fast.truncated, reference.truncated)
+    # packed bf16 weights and the lean decode step: the same bits as the model's own forward under autocast
+    assert torch.equal(fast.response_ids, plain.response_ids)
+    assert torch.equal(fast.sampler_logprobs, plain.sampler_logprobs)
