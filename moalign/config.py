@@ -39,10 +39,6 @@ class LoRAConfig(Section):
 
 class ModelConfig(Section):
     name: str = Field("smollm2-135m", description="'tiny', 'smollm2-135m' (embedded), a HF hub id or a local path")
-    precision: Literal["fp32", "bf16-mixed", "bf16-pure"] = Field(
-        "fp32", description="fp32; bf16-mixed: fp32 weights and optimizer state, every forward, backward and the "
-        "sampler in bfloat16 (autocast); bf16-pure: the weights themselves in bfloat16 (updates below bf16's "
-        "resolution round away: a warning says when the learning rate is that small)")
     train_last_k_layers: Optional[int] = Field(None, ge=1, description="train only the last k transformer blocks")
     reuse_frozen_trunk: bool = Field(True, description="with train_last_k_layers: run the frozen blocks once per "
                                      "step and only the top k in the reference, update and post-update passes")
@@ -54,15 +50,14 @@ class ModelConfig(Section):
     @model_validator(mode="before")
     @classmethod
     def _dtype_is_precision(cls, data):
-        """``dtype`` (the key before ``precision``): float32 is read as precision fp32; a half-precision dtype is an
-        error, since it loaded the weights themselves in half precision (now ``bf16-pure``, rarely what is meant)."""
+        """``dtype``, the key before the top-level ``precision``: float32 (every saved config's) is the default
+        precision; a half-precision dtype loaded the weights themselves in half precision (now ``bf16-pure``,
+        rarely what is meant), so it is an error that names the new key."""
         if isinstance(data, dict) and "dtype" in data:
-            data = dict(data)
-            dtype = data.pop("dtype")
-            if dtype != "float32":
-                raise ValueError(f"model.dtype={dtype} is now model.precision: bf16-mixed (fp32 weights, bf16 "
-                                 f"compute) or bf16-pure (bf16 weights)")
-            data.setdefault("precision", "fp32")
+            if data["dtype"] != "float32":
+                raise ValueError(f"model.dtype={data['dtype']} is now the top-level key precision: "
+                                 f"precision=bf16-mixed (fp32 weights, bf16 compute) or precision=bf16-pure")
+            data = {k: v for k, v in data.items() if k != "dtype"}
         return data
 
 
@@ -249,6 +244,10 @@ class TrainConfig(Section):
     seed: int = 0
     run_dir: Optional[str] = Field(None, description="default: runs/<timestamp>")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    precision: Literal["fp32", "bf16-mixed", "bf16-pure"] = Field(
+        "fp32", description="fp32; bf16-mixed: fp32 weights and optimizer state, every forward, backward and the "
+        "sampler in bfloat16 (autocast); bf16-pure: the weights themselves in bfloat16 (updates below bf16's "
+        "resolution round away: a warning says when the learning rate is that small)")
     threads: Optional[int] = Field(None, ge=1, description="torch CPU threads (default: all cores)")
     engine: Literal["native", "trl"] = "native"
 

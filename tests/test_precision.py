@@ -1,4 +1,4 @@
-"""model.precision: an optimizer step at the paper's learning rate moves the master weights in every mode that
+"""precision: an optimizer step at the paper's learning rate moves the master weights in every mode that
 trains (native engine and engine=trl), bf16-mixed really computes in bf16, bf16-pure warns, and the bf16 shortcuts
 (the reference held in bf16, the sampler's cache stored in bf16, packed bf16 weights) give autocast's own bits."""
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from moalign.config import ModelConfig, TrainConfig, build_config
+from moalign.config import TrainConfig, build_config
 from moalign.engine.precision import compute_context, fraction_rounding_away, hold_linears_in_bf16
 from moalign.errors import UserError
 
@@ -54,7 +54,7 @@ class LinearOutputDtypes:
 def native_step(tmp_path, precision: str):
     from moalign.engine.trainer import Trainer
 
-    cfg = build_config(TrainConfig, {}, TINY + [f"model.precision={precision}"])
+    cfg = build_config(TrainConfig, {}, TINY + [f"precision={precision}"])
     trainer = Trainer(cfg, tmp_path)
     trainer._evaluate_start = lambda: None
     before = {k: v.detach().clone() for k, v in trainer.model.named_parameters() if v.requires_grad}
@@ -89,14 +89,14 @@ def test_native_bf16_pure_warns_and_its_weights_barely_move(tmp_path, caplog):
 def test_reference_is_held_in_bf16_and_old_logprobs_are_recomputed_in_bf16(tmp_path):
     from moalign.engine.trainer import Trainer
 
-    cfg = build_config(TrainConfig, {}, TINY + ["model.precision=bf16-mixed", "optim.mini_batches=2"])
+    cfg = build_config(TrainConfig, {}, TINY + ["precision=bf16-mixed", "optim.mini_batches=2"])
     trainer = Trainer(cfg, tmp_path)
     linears = [m for m in trainer.reference.modules() if isinstance(m, nn.Linear)]
     assert linears and all(m.weight.dtype == torch.bfloat16 for m in linears)
     assert trainer.reference.get_input_embeddings().weight.dtype == torch.float32
     rollout = type("R", (), {"sampler_logprobs": torch.zeros(2, 3)})()
     assert trainer._sampler_logprobs_as_old(rollout) is None  # auto: the KV-cache decode rounds differently in bf16
-    trainer.cfg.model.precision = "fp32"
+    trainer.cfg.precision = "fp32"
     assert trainer._sampler_logprobs_as_old(rollout) is rollout.sampler_logprobs
 
 
@@ -119,7 +119,7 @@ def test_trl_step_at_lr_1e_6_moves_the_master_weights(random_model_dir, tmp_path
 
     run = tmp_path / "run"
     cfg = build_config(TrainConfig, {}, small_run_overrides(random_model_dir, run) + [
-        "steps=1", f"optim.lr={LR}", f"model.precision={precision}", "checkpoint.every=0"])
+        "steps=1", f"optim.lr={LR}", f"precision={precision}", "checkpoint.every=0"])
     with LinearOutputDtypes() as seen:
         train_with_trl(cfg, run)
     initial = AutoModelForCausalLM.from_pretrained(random_model_dir).state_dict()
@@ -135,12 +135,16 @@ def test_trl_step_at_lr_1e_6_moves_the_master_weights(random_model_dir, tmp_path
 # ---- configuration ----------------------------------------------------------------------------------------------
 
 def test_model_dtype_float32_reads_as_fp32_and_half_precision_names_the_new_key():
-    assert build_config(TrainConfig, {"model": {"name": "tiny", "dtype": "float32"}}).model.precision == "fp32"
-    assert ModelConfig().precision == "fp32"
-    with pytest.raises(UserError, match="model.dtype=bfloat16 is now model.precision: bf16-mixed"):
+    saved = build_config(TrainConfig, {"model": {"name": "tiny", "dtype": "float32"}})  # a config saved before
+    assert saved.precision == "fp32" and "dtype" not in saved.model.model_dump()
+    with pytest.raises(UserError, match="model.dtype=bfloat16 is now the top-level key precision: "
+                                        "precision=bf16-mixed"):
         build_config(TrainConfig, {}, ["model.dtype=bfloat16"])
-    with pytest.raises(UserError, match="model.precision"):
-        build_config(TrainConfig, {}, ["model.precision=fp16"])
+    with pytest.raises(UserError, match="precision"):
+        build_config(TrainConfig, {}, ["precision=fp16"])
+    # the precision is the run's, not the model's: switching models keeps it (as a study's grid.model does)
+    assert build_config(TrainConfig, {"precision": "bf16-mixed", "model": {"name": "tiny"}},
+                        ["model=smollm2-135m"]).precision == "bf16-mixed"
 
 
 def test_fraction_rounding_away_by_hand_and_against_the_rounding_itself():

@@ -8,7 +8,7 @@ packs every weight once per call and multiplies by the packed copy until it retu
   decode-step products take 47 → 36 ms at 16 rows, 87 → 65 ms at 64 (``bench/precision.py``). Bit-identical to
   ``F.linear`` at 16 and 64 rows here, within float rounding at a handful of rows, where plain ``F.linear`` takes a
   matrix–vector path instead.
-* **bf16 compute** (under bf16 autocast, ``model.precision=bf16-mixed``, or bf16 weights; oneDNN, AMX where the CPU
+* **bf16 compute** (under bf16 autocast, ``precision=bf16-mixed``, or bf16 weights; oneDNN, AMX where the CPU
   has it, ``torch.ops.mkldnn._reorder_linear_weight`` / ``_linear_pointwise``): the packed copy is the weight cast
   to bf16 once — what autocast would cast on every call — and the same 211 products take 24 → 16 ms at 16 rows,
   31 → 20 ms at 64. Bit-identical to ``F.linear`` under autocast at every row count measured (1–512).

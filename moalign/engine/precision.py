@@ -1,4 +1,4 @@
-"""How a run computes (``model.precision``), and what keeps an update from rounding away.
+"""How a run computes (``precision``), and what keeps an update from rounding away.
 
 * ``fp32``: weights, optimizer state and every computation in float32.
 * ``bf16-mixed``: the weights and AdamW's state stay float32 — the master copy the optimizer updates — and every
@@ -89,7 +89,7 @@ def warn_if_updates_round_away(params: Iterable[torch.Tensor], lr: float, precis
         return None
     fraction = fraction_rounding_away(params, lr)
     if fraction > ROUNDING_AWAY_WARNING:
-        log.warning("model.precision=bf16-pure with optim.lr=%g: a step of that size rounds away on %.0f%% of the "
+        log.warning("precision=bf16-pure with optim.lr=%g: a step of that size rounds away on %.0f%% of the "
                     "trainable weights (bf16 keeps 8 significant bits), so they barely train; use "
-                    "model.precision=bf16-mixed (fp32 master weights, bf16 compute)", lr, 100 * fraction)
+                    "precision=bf16-mixed (fp32 master weights, bf16 compute)", lr, 100 * fraction)
     return fraction

@@ -156,15 +156,15 @@ class Trainer:
         if not self.splits["train"]:
             raise UserError("the training split is empty; check data.path / data.num_train")
 
-        model, self.tokenizer = load_model(cfg.model)
+        model, self.tokenizer = load_model(cfg.model, cfg.precision)
         self.prompt_tokens = {name: encode_prompts(self.tokenizer, name, exs, cfg.rollout.max_prompt_tokens,
                                                    system_prompt_for(cfg.model)) for name, exs in self.splits.items()}
-        # every forward and backward runs in this context (bf16 autocast for model.precision=bf16-mixed)
-        self.compute = partial(compute_context, cfg.model.precision, self.device)
+        # every forward and backward runs in this context (bf16 autocast for precision=bf16-mixed)
+        self.compute = partial(compute_context, cfg.precision, self.device)
         self.reference = None
         if cfg.loss.kl_coef > 0 and cfg.model.lora is None:
             self.reference = copy.deepcopy(model).eval().requires_grad_(False).to(self.device)
-            if cfg.model.precision == "bf16-mixed":  # it never trains: bf16 copies give autocast's own numbers
+            if cfg.precision == "bf16-mixed":  # it never trains: bf16 copies give autocast's own numbers
                 hold_linears_in_bf16(self.reference)
         self.model = prepare_trainable(model, cfg.model).to(self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -178,7 +178,7 @@ class Trainer:
             self.trunk = FrozenTrunk.for_model(self.model, cfg.model.train_last_k_layers)
         o = cfg.optim
         self.optimizer = make_adamw(self.params, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas)
-        warn_if_updates_round_away(self.params, o.lr, cfg.model.precision)
+        warn_if_updates_round_away(self.params, o.lr, cfg.precision)
         self.stream = PromptStream(len(self.splits["train"]), cfg.seed)
         self.step_idx = 0
         self.skipped_steps = 0
@@ -369,7 +369,7 @@ class Trainer:
         mode = self.cfg.loss.old_logprobs
         if mode == "recompute" or rollout.sampler_logprobs is None:
             return None
-        if mode == "auto" and self.cfg.model.precision != "fp32":
+        if mode == "auto" and self.cfg.precision != "fp32":
             return None
         return rollout.sampler_logprobs
 

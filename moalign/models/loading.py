@@ -14,7 +14,7 @@ from moalign.models.smollm2 import SMOLLM2_NAMES, SMOLLM2_SYSTEM_PROMPT, load_sm
 if TYPE_CHECKING:
     from moalign.config import ModelConfig
 
-# the dtype the weights are loaded in, per model.precision: bf16-mixed keeps fp32 weights (the master copy the
+# the dtype the weights are loaded in, per precision (TrainConfig.precision): bf16-mixed keeps fp32 weights (the master copy the
 # optimizer updates) and computes in bf16 under autocast (engine/precision.py)
 WEIGHT_DTYPES = {"fp32": torch.float32, "bf16-mixed": torch.float32, "bf16-pure": torch.bfloat16}
 
@@ -39,10 +39,11 @@ def _load_hf(name: str, dtype: torch.dtype, revision: str | None):
     return model, tok
 
 
-def load_model(cfg: "ModelConfig"):
-    """Return ``(model, tokenizer)``; the tokenizer has a pad token and a chat template."""
+def load_model(cfg: "ModelConfig", precision: str = "fp32"):
+    """Return ``(model, tokenizer)``, the weights in the dtype ``precision`` keeps them in; the tokenizer has a pad
+    token and a chat template."""
     _quiet_transformers()
-    dtype = WEIGHT_DTYPES[cfg.precision]
+    dtype = WEIGHT_DTYPES[precision]
     if cfg.name == "tiny":
         from moalign.models.tiny import load_tiny
 

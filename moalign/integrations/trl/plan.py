@@ -82,6 +82,6 @@ def plan_trl_run(cfg: TrainConfig, output_dir: Path, num_processes: int, use_cpu
         logging_strategy="steps", logging_steps=optimizer_steps, save_strategy="steps",
         save_steps=(cfg.checkpoint.every or cfg.steps) * optimizer_steps, save_total_limit=cfg.checkpoint.keep,
         report_to="none", disable_tqdm=not cfg.log.progress, activation_checkpointing=False, log_completions=False,
-        use_cpu=use_cpu, bf16=cfg.model.precision != "fp32", fp16=False,
+        use_cpu=use_cpu, bf16=cfg.precision != "fp32", fp16=False,
         dataloader_num_workers=0, remove_unused_columns=False)
     return TRLPlan(arguments, optimizer_steps, notes)

@@ -158,7 +158,7 @@ def train_with_trl(cfg: TrainConfig, run_dir: Union[str, Path],
     seed_everything(cfg.seed)
     inputs = RunInputs.load(cfg)
     warn_if_updates_round_away([p for p in inputs.model.parameters() if p.requires_grad], cfg.optim.lr,
-                               cfg.model.precision)
+                               cfg.precision)
 
     args = GRPOConfig(**plan.arguments)
     args.distributed_state.wait_for_everyone()  # a launcher's main process may still be preparing run_dir
@@ -215,7 +215,7 @@ class RunInputs:
         splits = dict(load_data(cfg.data).items())
         if not splits["train"]:
             raise UserError("the training split is empty; check data.path / data.num_train")
-        model, tokenizer = load_model(cfg.model)
+        model, tokenizer = load_model(cfg.model, cfg.precision)
         system_prompt = system_prompt_for(cfg.model)
         encode_prompts(tokenizer, "train", splits["train"], cfg.rollout.max_prompt_tokens, system_prompt)  # too long?
         return cls(splits, objectives, prepare_trainable(model, cfg.model), tokenizer, system_prompt)
