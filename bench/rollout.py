@@ -15,6 +15,13 @@ its time ratio is an exact like-for-like speedup.
                                                  # on their own before the budget (≈ 8 min)
     python bench/rollout.py --models smollm2 --unpacked   # + fast_generate without packed weights, same rounds
     python bench/rollout.py --models smollm2 --plain-decode   # + fast_generate with the model's forward per step
+    python bench/rollout.py --models smollm2 --precisions fp32,bf16-mixed   # both samplers in both precisions,
+                                                 # all four taking turns in the same rounds
+
+``--precisions``: each sampler runs in each precision (``bf16-mixed``: under bf16 autocast over the fp32 weights,
+as the trainer runs it); names then carry the precision (``rollout_tokens_per_s_fast_bf16-mixed_smollm2_b64``),
+``rollout_speedup_<precision>_...`` compares the two samplers in one precision and
+``rollout_bf16_speedup_<sampler>_...`` one sampler across precisions.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from _common import matmul_peak_gflops, report, set_threads, time_alternately
 
 from moalign.config import ModelConfig
 from moalign.data import DataConfig, load_data
+from moalign.engine.precision import compute_context, in_context
 from moalign.engine.rollout import generate
 from moalign.engine.sampler import fast_generate
 from moalign.models.loading import load_model
@@ -80,13 +88,15 @@ def compare_sampling(model, tokenizer, prompts: list[list[int]], samples: int, m
             for name, pairs in runs.items()}
 
 
-def compare_greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, min_seconds: float
-                   ) -> tuple[int, float]:
-    """(rows whose greedy tokens differ between the samplers, time of generate / time of fast_generate)."""
+def compare_greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, min_seconds: float,
+                   precision: str = "fp32") -> tuple[int, float]:
+    """(rows whose greedy tokens differ between the samplers, time of generate / time of fast_generate), both in
+    ``precision``."""
     index = list(range(len(prompts)))
+    samplers = {name: in_context(lambda: compute_context(precision, "cpu"), s) for name, s in SAMPLERS.items()}
     runs = time_alternately({name: lambda _, s=s: s(model, tokenizer, prompts, index, index, max_new_tokens,
                                                     greedy=True)
-                             for name, s in SAMPLERS.items()}, 1, min_seconds)
+                             for name, s in samplers.items()}, 1, min_seconds)
     reference, fast = runs["generate"][0][0], runs["fast"][0][0]
     if reference.response_ids.shape != fast.response_ids.shape:
         differing = len(prompts)
@@ -97,7 +107,7 @@ def compare_greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
 
 
 def bench_model(key: str, shapes: list[tuple[int, int]], max_new_tokens: int, repeats: int, min_seconds: float,
-                peak: float, unpacked: bool, plain_decode: bool) -> None:
+                peak: float, unpacked: bool, plain_decode: bool, precisions: list[str]) -> None:
     model, tokenizer = load_model(ModelConfig(name=MODEL_NAMES[key]))
     model.eval()
     report(f"{key}_params_m", sum(p.numel() for p in model.parameters()) / 1e6)
@@ -105,13 +115,21 @@ def bench_model(key: str, shapes: list[tuple[int, int]], max_new_tokens: int, re
     prompts = chat_prompts(tokenizer, max(p for p, _ in shapes) + 16)
     report(f"{key}_mean_prompt_tokens", sum(map(len, prompts)) / len(prompts))
 
-    differing, speedup = compare_greedy(model, tokenizer, prompts[:16], max_new_tokens, min_seconds)
-    report(f"greedy_identical_{key}_b16", differing == 0)
-    report(f"greedy_rows_differing_{key}_b16", differing)
-    report(f"greedy_speedup_{key}_b16", speedup)
+    named = len(precisions) > 1  # names carry the precision
 
-    samplers = {**SAMPLERS, **({"fast_unpacked": fast_generate_unpacked} if unpacked else {}),
-                **({"fast_plain_decode": fast_generate_plain_decode} if plain_decode else {})}
+    def tag(name: str, precision: str) -> str:
+        return f"{name}_{precision}" if named else name
+
+    for precision in precisions:
+        differing, speedup = compare_greedy(model, tokenizer, prompts[:16], max_new_tokens, min_seconds, precision)
+        report(f"greedy_identical_{tag(key, precision)}_b16", differing == 0)
+        report(f"greedy_rows_differing_{tag(key, precision)}_b16", differing)
+        report(f"greedy_speedup_{tag(key, precision)}_b16", speedup)
+
+    base = {**SAMPLERS, **({"fast_unpacked": fast_generate_unpacked} if unpacked else {}),
+            **({"fast_plain_decode": fast_generate_plain_decode} if plain_decode else {})}
+    samplers = {tag(name, precision): in_context(partial(compute_context, precision, "cpu"), sampler)
+                for precision in precisions for name, sampler in base.items()}
     for n_prompts, samples in shapes:
         b = n_prompts * samples
         totals = compare_sampling(model, tokenizer, prompts[:n_prompts], samples, max_new_tokens, repeats,
@@ -121,11 +139,20 @@ def bench_model(key: str, shapes: list[tuple[int, int]], max_new_tokens: int, re
             report(f"rollout_tokens_per_s_{name}_{key}_b{b}", rate[name])
             report(f"rollout_mean_length_{name}_{key}_b{b}", t["tokens"] / t["responses"])
             report(f"rollout_truncated_fraction_{name}_{key}_b{b}", t["truncated"] / t["responses"])
-        report(f"rollout_speedup_{key}_b{b}", rate["fast"] / rate["generate"])
-        if unpacked:
-            report(f"rollout_packing_speedup_{key}_b{b}", rate["fast"] / rate["fast_unpacked"])
-        if plain_decode:
-            report(f"rollout_lean_decode_speedup_{key}_b{b}", rate["fast"] / rate["fast_plain_decode"])
+        for precision in precisions:
+            rates = {name: rate[tag(name, precision)] for name in base}
+            suffix = f"{precision}_{key}" if named else key
+            report(f"rollout_speedup_{suffix}_b{b}", rates["fast"] / rates["generate"])
+            if unpacked:
+                report(f"rollout_packing_speedup_{suffix}_b{b}", rates["fast"] / rates["fast_unpacked"])
+            if plain_decode:
+                report(f"rollout_lean_decode_speedup_{suffix}_b{b}", rates["fast"] / rates["fast_plain_decode"])
+        if named and "fp32" in precisions:
+            for name in base:
+                for precision in precisions:
+                    if precision != "fp32":
+                        report(f"rollout_bf16_speedup_{name}_{key}_b{b}",
+                               rate[tag(name, precision)] / rate[tag(name, "fp32")])
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
@@ -143,6 +170,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--unpacked", action="store_true",
                         help="also time fast_generate without packed weights (engine.packed), in the same rounds")
+    parser.add_argument("--precisions", default="fp32", help="comma-separated: fp32, bf16-mixed")
     parser.add_argument("--plain-decode", action="store_true",
                         help="also time fast_generate with the model's forward per decode step (no engine.decode)")
     args = parser.parse_args()
@@ -155,7 +183,7 @@ def main() -> None:
             report("tiny_skipped", "moalign.models.tiny does not exist yet")
             continue
         bench_model(key, parse_shapes(args.shapes), args.max_new_tokens, args.repeats, args.min_seconds, peak,
-                    args.unpacked, args.plain_decode)
+                    args.unpacked, args.plain_decode, args.precisions.split(","))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ trains (native engine and engine=trl), bf16-mixed really computes in bf16, bf16-
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 import sys
 from pathlib import Path
 
@@ -200,3 +201,53 @@ def test_sampler_under_autocast_stores_the_cache_in_bf16_and_matches_generate():
     # packed bf16 weights and the lean decode step: the same bits as the model's own forward under autocast
     assert torch.equal(fast.response_ids, plain.response_ids)
     assert torch.equal(fast.sampler_logprobs, plain.sampler_logprobs)
+
+
+def test_linear_gradients_in_place_under_autocast_keep_autocasts_outputs_and_gradients():
+    """Under bf16 autocast the in-place layers multiply by bf16 copies made once per weight version: the log-probs
+    are autocast's own bits, the fp32 gradients autocast's up to bf16 rounding of the per-use products (autograd adds
+    a layer's two uses in bf16 before casting, the in-place layers add each into fp32), and a weight changed in
+    place gets a fresh copy."""
+    from test_sampler import Qwen2Config, Qwen2ForCausalLM, groups_of
+
+    from moalign.engine.linear_grads import LinearGradientsInPlace
+    from moalign.engine.rollout import micro_batch_logprobs
+    from moalign.engine.sampler import fast_generate
+
+    model, tokenizer = tiny_model(Qwen2Config, Qwen2ForCausalLM), word_tokenizer()  # biases on q, k, v
+    prompts, groups = groups_of(random_prompts(3, seed=6), 4)
+    torch.manual_seed(0)
+    rollout = fast_generate(model, tokenizer, prompts, groups, groups, 12)
+    weights = torch.randn(rollout.response_ids.shape, generator=torch.Generator().manual_seed(1))
+
+    def pass_(in_place: bool):
+        model.zero_grad(set_to_none=True)
+        manager = LinearGradientsInPlace.for_model(model) if in_place else None
+        logprobs = []
+        with manager or nullcontext():
+            for sl in (slice(0, 4), slice(4, 12)):
+                with compute_context("bf16-mixed", "cpu"):
+                    lp = micro_batch_logprobs(model, rollout.prompt_ids[sl], rollout.prompt_mask[sl],
+                                              rollout.response_ids[sl], rollout.response_mask[sl], grad=True,
+                                              share_prompts=True)
+                (lp * weights[sl]).sum().backward()
+                logprobs.append(lp.detach())
+        return torch.cat(logprobs), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    lp_autocast, grads_autocast = pass_(False)
+    lp_in_place, grads_in_place = pass_(True)
+    assert torch.equal(lp_in_place, lp_autocast)
+    for name, grad in grads_autocast.items():
+        assert grads_in_place[name].dtype == torch.float32
+        assert torch.allclose(grads_in_place[name], grad, atol=2e-2 * float(grad.abs().max())), name
+
+    layer = model.model.layers[0].mlp.up_proj
+    manager = LinearGradientsInPlace.for_model(model)
+    x = torch.randn(2, 3, model.config.hidden_size)
+    with manager, compute_context("bf16-mixed", "cpu"):
+        first = layer(x)
+        with torch.no_grad():
+            layer.weight.mul_(2)  # an optimizer step: the next use casts afresh
+        second = layer(x)
+        expected = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    assert first.dtype == torch.bfloat16 and torch.equal(second, expected) and not torch.equal(first, second)
