@@ -71,40 +71,26 @@ def test_only_cpu_plain_linears_are_packed():
 @pytest.mark.skipif(not bf16_packing_available(), reason="this torch build has no oneDNN bf16 linear")
 @pytest.mark.parametrize("rows", [1, 3, 16, 64, 200])
 @pytest.mark.parametrize("bias", [True, False])
-def test_bf16_packed_product_equals_the_autocast_product(rows, bias):
-    layer = linear(bias=bias)
-    x = torch.randn(2, rows, 48)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+def test_bf16_packed_product_equals_linear(rows, bias):
+    layer = linear(bias=bias).to(torch.bfloat16)
+    x = torch.randn(2, rows, 48, dtype=torch.bfloat16)
+    with torch.no_grad():
         expected = layer(x)
         with packed_linear_weights(layer) as n_packed:
             assert n_packed == 1
             got = layer(x)
-        outside_autocast = None
-    with torch.no_grad(), packed_linear_weights(layer):  # packed for fp32 outside autocast
-        outside_autocast = layer(x)
-    assert expected.dtype == got.dtype == torch.bfloat16 and torch.equal(got, expected)  # the same bits
-    assert outside_autocast.dtype == torch.float32
+    assert got.dtype == torch.bfloat16 and torch.equal(got, expected)  # the same bits
 
 
-def test_fp32_packing_steps_aside_under_autocast():
-    layer = linear()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_layers_step_aside_under_autocast(dtype):
+    layer = linear().to(dtype)
     x = torch.randn(5, 48)
     with torch.no_grad(), packed_linear_weights(layer):
-        with torch.autocast("cpu", dtype=torch.bfloat16):  # packed for fp32, called in bf16: autocast's product
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast's product, not the packed one's dtype
             got = layer(x)
             expected = nn.functional.linear(x, layer.weight, layer.bias)
     assert got.dtype == torch.bfloat16 and torch.equal(got, expected)
-
-
-@pytest.mark.skipif(not bf16_packing_available(), reason="this torch build has no oneDNN bf16 linear")
-def test_bf16_weights_are_packed_and_give_their_own_product():
-    layer = linear().to(torch.bfloat16)
-    x = torch.randn(16, 48, dtype=torch.bfloat16)
-    with torch.no_grad():
-        expected = layer(x)
-        with packed_linear_weights(layer) as n_packed:
-            got = layer(x)
-    assert n_packed == 1 and torch.equal(got, expected)
 
 
 def test_whole_model_logits_unchanged():

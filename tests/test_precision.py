@@ -1,11 +1,10 @@
 """precision: an optimizer step at the paper's learning rate moves the master weights in every mode that
-trains (native engine and engine=trl), bf16-mixed really computes in bf16, bf16-pure warns, and the bf16 shortcuts
-(the reference held in bf16, the sampler's cache stored in bf16, packed bf16 weights) give autocast's own bits."""
+trains (native engine and engine=trl), bf16-mixed really computes in bf16 with fp32 masters, gradients and
+optimizer state, bf16-pure warns, and the bf16 sampler (packed weights, lean decode step) gives generate's tokens."""
 
 from __future__ import annotations
 
 import logging
-from contextlib import nullcontext
 import sys
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import torch
 from torch import nn
 
 from moalign.config import TrainConfig, build_config
-from moalign.engine.precision import compute_context, fraction_rounding_away, hold_linears_in_bf16
+from moalign.engine.precision import MasterWeights, fraction_rounding_away
 from moalign.errors import UserError
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -58,10 +57,12 @@ def native_step(tmp_path, precision: str):
     cfg = build_config(TrainConfig, {}, TINY + [f"precision={precision}"])
     trainer = Trainer(cfg, tmp_path)
     trainer._evaluate_start = lambda: None
-    before = {k: v.detach().clone() for k, v in trainer.model.named_parameters() if v.requires_grad}
+    weights = trainer.master.masters if trainer.master is not None else dict(trainer.model.named_parameters())
+    before = {k: v.detach().clone() for k, v in weights.items() if v.requires_grad}
     with LinearOutputDtypes() as seen:
         trainer.step()
-    return trainer, fraction_changed(before, trainer.model), seen.dtypes
+    changed = sum(int((weights[k].detach() != v.to(weights[k].dtype)).sum()) for k, v in before.items())
+    return trainer, changed / sum(v.numel() for v in before.values()), seen.dtypes
 
 
 # ---- the update reaches the weights -----------------------------------------------------------------------------
@@ -72,11 +73,16 @@ def test_native_step_at_lr_1e_6_moves_the_master_weights(tmp_path, precision):
     # Adam's first step is ≈ ±lr on every weight with a gradient: 99.7 % of the tiny model's trainable weights here
     # (its unused embedding rows have none); pure bf16 weights keep 0.6 % of those steps (the next test)
     assert changed > 0.99
-    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
-    state = trainer.optimizer.state[trainer.params[0]]
+    optimized = trainer.optimizer.param_groups[0]["params"]
+    state = trainer.optimizer.state[optimized[0]]
+    assert all(p.dtype == torch.float32 for p in optimized)
     assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.float32
     # the compute: every linear layer's output in bf16 under bf16-mixed (sampler, passes, update), fp32 otherwise
     assert linear_dtypes == ({torch.bfloat16} if precision == "bf16-mixed" else {torch.float32})
+    if precision == "bf16-mixed":  # the working copy is the masters rounded to bf16
+        assert all(p.dtype == torch.bfloat16 for p in trainer.model.parameters())
+        for name, p in trainer.model.named_parameters():
+            assert torch.equal(p, trainer.master.masters[name].to(torch.bfloat16)), name
 
 
 def test_native_bf16_pure_warns_and_its_weights_barely_move(tmp_path, caplog):
@@ -87,14 +93,12 @@ def test_native_bf16_pure_warns_and_its_weights_barely_move(tmp_path, caplog):
     assert changed < 0.02  # the bug bf16-mixed fixes: the step rounds away
 
 
-def test_reference_is_held_in_bf16_and_old_logprobs_are_recomputed_in_bf16(tmp_path):
+def test_reference_computes_in_bf16_and_old_logprobs_are_recomputed_in_bf16(tmp_path):
     from moalign.engine.trainer import Trainer
 
     cfg = build_config(TrainConfig, {}, TINY + ["precision=bf16-mixed", "optim.mini_batches=2"])
     trainer = Trainer(cfg, tmp_path)
-    linears = [m for m in trainer.reference.modules() if isinstance(m, nn.Linear)]
-    assert linears and all(m.weight.dtype == torch.bfloat16 for m in linears)
-    assert trainer.reference.get_input_embeddings().weight.dtype == torch.float32
+    assert all(p.dtype == torch.bfloat16 for p in trainer.reference.parameters())
     rollout = type("R", (), {"sampler_logprobs": torch.zeros(2, 3)})()
     assert trainer._sampler_logprobs_as_old(rollout) is None  # auto: the KV-cache decode rounds differently in bf16
     trainer.cfg.precision = "fp32"
@@ -160,94 +164,42 @@ def test_fraction_rounding_away_by_hand_and_against_the_rounding_itself():
         assert fraction_rounding_away([weights], step) == pytest.approx(stuck, abs=2e-3)
 
 
-# ---- bf16 copies give autocast's bits --------------------------------------------------------------------------
+# ---- master weights and the bf16 model --------------------------------------------------------------------------
 
-def test_reference_held_in_bf16_gives_the_fp32_models_autocast_logits():
-    model = tiny_model(LlamaConfig, LlamaForCausalLM, tie_word_embeddings=True)
-    ids = torch.randint(2, 32, (3, 9), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad(), compute_context("bf16-mixed", "cpu"):
-        expected = model(input_ids=ids).logits
-        held = hold_linears_in_bf16(tiny_model(LlamaConfig, LlamaForCausalLM, tie_word_embeddings=True))
-        got = held(input_ids=ids).logits
-    assert expected.dtype == torch.bfloat16 and torch.equal(got, expected)
-    assert held.lm_head.weight.dtype == torch.bfloat16 and held.get_input_embeddings().weight.dtype == torch.float32
+def test_master_weights_accumulate_fp32_gradients_and_refresh_the_working_copy():
+    model = nn.Linear(3, 2)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, 0.02, -3.0], [0.5, 1e-3, 2.0]]))
+    original = model.weight.detach().clone()
+    master = MasterWeights(model)
+    assert model.weight.dtype == torch.bfloat16 and master.masters["weight"].dtype == torch.float32
+    assert torch.equal(master.masters["weight"], original)  # the fp32 values, not their bf16 roundings
+    for _ in range(2):  # two micro-batches: the bf16 gradients add up in fp32
+        model.weight.grad = torch.full((2, 3), 1 / 3).to(torch.bfloat16)
+        master.add_gradients()
+        assert model.weight.grad is None
+    expected = 2 * torch.tensor(1 / 3).to(torch.bfloat16).float()
+    assert torch.equal(master.masters["weight"].grad, torch.full((2, 3), float(expected)))
+    with torch.no_grad():
+        master.masters["weight"].sub_(1e-6)  # an optimizer step too small for bf16 at these magnitudes
+    master.refresh_working_copy()
+    assert torch.equal(model.weight, (original - 1e-6).to(torch.bfloat16))
+    restored = master.restore_fp32()
+    assert restored.weight.dtype == torch.float32 and torch.equal(restored.weight, original - 1e-6)
 
 
-def test_sampler_under_autocast_stores_the_cache_in_bf16_and_matches_generate():
-    from moalign.engine import sampler
+def test_sampler_on_a_bf16_model_matches_generate_with_packed_weights_and_the_lean_decode_step():
     from moalign.engine.rollout import generate
-
-    model, tokenizer = tiny_model(LlamaConfig, LlamaForCausalLM), word_tokenizer()
-    prompts = random_prompts(8, seed=6)
-    index = list(range(len(prompts)))
-    storage = []
-    original = sampler.SlotLayer.__init__
-
-    def recording(self, *args):
-        original(self, *args)
-        storage.append(self.key_store.dtype)
-
-    sampler.SlotLayer.__init__ = recording
-    try:
-        with compute_context("bf16-mixed", "cpu"):
-            fast = sampler.fast_generate(model, tokenizer, prompts, index, index, 16, greedy=True)
-            plain = sampler.fast_generate(model, tokenizer, prompts, index, index, 16, greedy=True,
-                                          pack_weights=False, lean=False)
-            reference = generate(model, tokenizer, prompts, index, index, 16, greedy=True)
-    finally:
-        sampler.SlotLayer.__init__ = original
-    assert storage and set(storage) == {torch.bfloat16}
-    assert torch.equal(fast.response_ids, reference.response_ids) and torch.equal(fast.truncated, reference.truncated)
-    # packed bf16 weights and the lean decode step: the same bits as the model's own forward under autocast
-    assert torch.equal(fast.response_ids, plain.response_ids)
-    assert torch.equal(fast.sampler_logprobs, plain.sampler_logprobs)
-
-
-def test_linear_gradients_in_place_under_autocast_keep_autocasts_outputs_and_gradients():
-    """Under bf16 autocast the in-place layers multiply by bf16 copies made once per weight version: the log-probs
-    are autocast's own bits, the fp32 gradients autocast's up to bf16 rounding of the per-use products (autograd adds
-    a layer's two uses in bf16 before casting, the in-place layers add each into fp32), and a weight changed in
-    place gets a fresh copy."""
-    from test_sampler import Qwen2Config, Qwen2ForCausalLM, groups_of
-
-    from moalign.engine.linear_grads import LinearGradientsInPlace
-    from moalign.engine.rollout import micro_batch_logprobs
     from moalign.engine.sampler import fast_generate
 
-    model, tokenizer = tiny_model(Qwen2Config, Qwen2ForCausalLM), word_tokenizer()  # biases on q, k, v
-    prompts, groups = groups_of(random_prompts(3, seed=6), 4)
-    torch.manual_seed(0)
-    rollout = fast_generate(model, tokenizer, prompts, groups, groups, 12)
-    weights = torch.randn(rollout.response_ids.shape, generator=torch.Generator().manual_seed(1))
-
-    def pass_(in_place: bool):
-        model.zero_grad(set_to_none=True)
-        manager = LinearGradientsInPlace.for_model(model) if in_place else None
-        logprobs = []
-        with manager or nullcontext():
-            for sl in (slice(0, 4), slice(4, 12)):
-                with compute_context("bf16-mixed", "cpu"):
-                    lp = micro_batch_logprobs(model, rollout.prompt_ids[sl], rollout.prompt_mask[sl],
-                                              rollout.response_ids[sl], rollout.response_mask[sl], grad=True,
-                                              share_prompts=True)
-                (lp * weights[sl]).sum().backward()
-                logprobs.append(lp.detach())
-        return torch.cat(logprobs), {name: p.grad.clone() for name, p in model.named_parameters()}
-
-    lp_autocast, grads_autocast = pass_(False)
-    lp_in_place, grads_in_place = pass_(True)
-    assert torch.equal(lp_in_place, lp_autocast)
-    for name, grad in grads_autocast.items():
-        assert grads_in_place[name].dtype == torch.float32
-        assert torch.allclose(grads_in_place[name], grad, atol=2e-2 * float(grad.abs().max())), name
-
-    layer = model.model.layers[0].mlp.up_proj
-    manager = LinearGradientsInPlace.for_model(model)
-    x = torch.randn(2, 3, model.config.hidden_size)
-    with manager, compute_context("bf16-mixed", "cpu"):
-        first = layer(x)
-        with torch.no_grad():
-            layer.weight.mul_(2)  # an optimizer step: the next use casts afresh
-        second = layer(x)
-        expected = torch.nn.functional.linear(x, layer.weight, layer.bias)
-    assert first.dtype == torch.bfloat16 and torch.equal(second, expected) and not torch.equal(first, second)
+    model, tokenizer = tiny_model(LlamaConfig, LlamaForCausalLM).to(torch.bfloat16), word_tokenizer()
+    prompts = random_prompts(8, seed=6)
+    index = list(range(len(prompts)))
+    fast = fast_generate(model, tokenizer, prompts, index, index, 16, greedy=True)
+    plain = fast_generate(model, tokenizer, prompts, index, index, 16, greedy=True, pack_weights=False, lean=False)
+    reference = generate(model, tokenizer, prompts, index, index, 16, greedy=True)
+    assert (~reference.truncated).any()
+    assert torch.equal(fast.response_ids, reference.response_ids) and torch.equal(fast.truncated, reference.truncated)
+    # packed bf16 weights and the lean decode step: the same bits as the model's own forward
+    assert torch.equal(fast.response_ids, plain.response_ids)
+    assert torch.equal(fast.sampler_logprobs, plain.sampler_logprobs)

@@ -8,13 +8,13 @@ packs every weight once per call and multiplies by the packed copy until it retu
   decode-step products take 47 → 36 ms at 16 rows, 87 → 65 ms at 64 (``bench/precision.py``). Bit-identical to
   ``F.linear`` at 16 and 64 rows here, within float rounding at a handful of rows, where plain ``F.linear`` takes a
   matrix–vector path instead.
-* **bf16 compute** (under bf16 autocast, ``precision=bf16-mixed``, or bf16 weights; oneDNN, AMX where the CPU
-  has it, ``torch.ops.mkldnn._reorder_linear_weight`` / ``_linear_pointwise``): the packed copy is the weight cast
-  to bf16 once — what autocast would cast on every call — and the same 211 products take 24 → 16 ms at 16 rows,
-  31 → 20 ms at 64. Bit-identical to ``F.linear`` under autocast at every row count measured (1–512).
+* **bf16** (the bf16 weights of ``precision=bf16-mixed`` and ``bf16-pure``; oneDNN, AMX where the CPU has it,
+  ``torch.ops.mkldnn._reorder_linear_weight`` / ``_linear_pointwise``): the same 211 products take 24 → 16 ms at
+  16 rows, 31 → 20 ms at 64. Bit-identical to ``F.linear`` at every row count measured (1–512).
 
 Inference only (the packed product has no autograd), CPU only, and only while the weights do not change: a
-weight modified in place since packing (its version counter) takes the plain product. Packing costs ≈ 0.2 s for
+weight modified in place since packing (its version counter) takes the plain product, and so does a call under
+autocast (whose product is in another dtype than the packed one). Packing costs ≈ 0.2 s for
 SmolLM2 and one more copy of the linear weights (538 MB in fp32, 269 MB in bf16) for the duration of the call.
 """
 
@@ -48,10 +48,6 @@ def _plain_cpu_linear(module: nn.Module) -> bool:
     return type(weight) in (torch.Tensor, nn.Parameter) and weight.device.type == "cpu" and weight.is_contiguous()
 
 
-def _bf16_autocast() -> bool:
-    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-
-
 def _mkl_forward(weight: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor, version: int,
                  x: torch.Tensor) -> torch.Tensor:
     if (x.dtype != torch.float32 or torch.is_grad_enabled() or weight._version != version
@@ -63,40 +59,37 @@ def _mkl_forward(weight: torch.Tensor, bias: torch.Tensor | None, packed: torch.
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
-def _onednn_bf16_forward(weight: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor,
-                         packed_bias: torch.Tensor | None, version: int, x: torch.Tensor) -> torch.Tensor:
-    bf16 = _bf16_autocast() or (x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16)
-    if not bf16 or torch.is_grad_enabled() or weight._version != version:
+def _onednn_bf16_forward(weight: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor, version: int,
+                         x: torch.Tensor) -> torch.Tensor:
+    if (x.dtype != torch.bfloat16 or torch.is_grad_enabled() or weight._version != version
+            or torch.is_autocast_enabled("cpu")):
         return nn.functional.linear(x, weight, bias)
-    return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), packed, packed_bias, "none", [], "")
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
-def _pack(module: nn.Linear, bf16: bool):
+def _pack(module: nn.Linear):
     """The packed forward for ``module``, or ``None`` where its weight is not one this packing serves."""
-    weight, bias = module.weight.detach(), None if module.bias is None else module.bias.detach()
-    if bf16 and weight.dtype in (torch.float32, torch.bfloat16) and bf16_packing_available():
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight.to(torch.bfloat16), PACK_ROWS_HINT)
-        packed_bias = None if bias is None else bias.to(torch.bfloat16)
-        return partial(_onednn_bf16_forward, module.weight, module.bias, packed, packed_bias, module.weight._version)
-    if not bf16 and weight.dtype == torch.float32 and packing_available():
-        packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, PACK_ROWS_HINT)
-        return partial(_mkl_forward, module.weight, module.bias, packed, module.weight._version)
+    weight, bias = module.weight, module.bias
+    if weight.dtype == torch.bfloat16 and (bias is None or bias.dtype == torch.bfloat16) and bf16_packing_available():
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS_HINT)
+        return partial(_onednn_bf16_forward, weight, bias, packed, weight._version)
+    if weight.dtype == torch.float32 and packing_available():
+        packed = torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), PACK_ROWS_HINT)
+        return partial(_mkl_forward, weight, bias, packed, weight._version)
     return None
 
 
 @contextmanager
 def packed_linear_weights(model: nn.Module):
-    """Within the block, every plain CPU ``nn.Linear`` of ``model`` multiplies by a pre-packed copy of its weight
-    (while gradients are disabled and the weight is unmodified since packing: an in-place update falls back to the
-    plain product); the plain forward returns on exit. Packs for bf16 compute when entered under bf16 autocast or
-    for bf16 weights, for fp32 otherwise; yields the number of layers packed (0 where the build has neither
-    library)."""
+    """Within the block, every plain CPU ``nn.Linear`` of ``model`` with fp32 or bf16 weights multiplies by a
+    pre-packed copy of its weight (while gradients are disabled, outside autocast, and the weight is unmodified since
+    packing: an in-place update falls back to the plain product); the plain forward returns on exit. Yields the
+    number of layers packed (0 where the build has neither library)."""
     patched = []
-    bf16_compute = _bf16_autocast()
     with torch.no_grad():
         for module in model.modules():
             if _plain_cpu_linear(module):
-                forward = _pack(module, bf16_compute or module.weight.dtype == torch.bfloat16)
+                forward = _pack(module)
                 if forward is not None:
                     module.forward = forward
                     patched.append(module)

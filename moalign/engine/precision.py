@@ -1,76 +1,95 @@
 """How a run computes (``precision``), and what keeps an update from rounding away.
 
 * ``fp32``: weights, optimizer state and every computation in float32.
-* ``bf16-mixed``: the weights and AdamW's state stay float32 — the master copy the optimizer updates — and every
-  forward and backward (the sampler's decode steps, the frozen trunk, the reference, update and post-update passes,
-  evaluation) runs under ``torch.autocast(device, torch.bfloat16)``: matmuls and attention in bf16 (AMX on recent
-  Xeons, tensor cores on GPUs), the residual stream, norms, log-probs and gradient accumulation in fp32.
-* ``bf16-pure``: the weights themselves in bf16. AdamW adds its step Δ to a bf16 weight w, and the sum rounds
-  back to w unless |Δ| exceeds half bf16's spacing at w,
+* ``bf16-mixed``: the model the engine runs — sampler, frozen trunk, reference, update, post-update pass,
+  evaluation — is held in bf16 (``MasterWeights``), so every matmul and attention runs in bf16 (AMX on recent
+  Xeons, tensor cores on GPUs); the optimizer updates fp32 master copies of the weights, with fp32 gradients and
+  fp32 AdamW state, and the bf16 working copies are refreshed from them after every optimizer step.
+* ``bf16-pure``: the same bf16 computation, but the optimizer updates the bf16 weights themselves. AdamW adds its
+  step Δ to a bf16 weight w, and the sum rounds back to w unless |Δ| exceeds half bf16's spacing at w,
 
       ½ · ulp_bf16(w) = 2^(e − 9)      for 2^(e − 1) ≤ |w| < 2^e      (≈ |w| / 512 … |w| / 256)
 
   so at |w| = 0.02 an update needs |Δ| ≳ 6e-5: at the learning rates RL fine-tuning uses (1e-6 … 1e-5, Adam's
-  |Δ| ≈ lr) almost no weight moves. ``warn_if_updates_round_away`` says so when it happens.
+  |Δ| ≈ lr) almost no weight moves. ``warn_if_updates_round_away`` says so when it happens. In bf16-mixed the same
+  steps accumulate in the fp32 masters and reach the bf16 copies once they add up to half a spacing.
 
-bf16 copies of weights that do not change (``hold_linears_in_bf16``: the frozen reference model) give the same bits
-under autocast as their fp32 originals, since autocast casts a linear layer's weight to bf16 for every call; held
-as bf16 they cost half the memory and no cast per call.
+Working copies rather than autocast over fp32 weights: on this project's CPU the update's forward and backward
+took 5.75 s with a bf16 copy against 6.53 s under autocast (whose fp32 residual stream and norms cost a cast at
+every linear layer's input and gradient), the sampler 362 against 172 tokens/s (autocast re-casts every weight at
+every decode step under ``torch.inference_mode``); docs/performance.md has the figures and what they cost in
+accuracy.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-from contextlib import nullcontext
-from typing import Callable, Iterable, TypeVar
+from typing import Iterable
 
 import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-PRECISIONS = ("fp32", "bf16-mixed", "bf16-pure")
 # warn when a step of size lr rounds away on more than this fraction of the trainable weights
 ROUNDING_AWAY_WARNING = 0.5
 
 
-def compute_context(precision: str, device: torch.device | str):
-    """The context a forward (and its backward) runs in: bf16 autocast on ``device``'s type for ``bf16-mixed``
-    (CPU or CUDA alike), nothing for ``fp32`` and ``bf16-pure`` (whose weights already set the dtype)."""
-    if precision == "bf16-mixed":
-        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
-    return nullcontext()
+class MasterWeights:
+    """fp32 master copies of every parameter of ``model``, which is cast to bf16 in place (the working copy the
+    engine computes with). The optimizer updates ``trainable``; per micro-batch ``add_gradients`` moves the working
+    copy's bf16 gradients into the masters' fp32 ``.grad`` (so they accumulate in fp32), and after each optimizer
+    step ``refresh_working_copy`` rounds the masters into the working copy. Frozen parameters keep a master too: a
+    checkpoint and the exported model hold the fp32 weights, not their bf16 roundings."""
 
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.masters = {name: p.detach().clone().float().requires_grad_(p.requires_grad)
+                        for name, p in model.named_parameters()}
+        model.to(torch.bfloat16)
+        self.pairs = [(p, self.masters[name]) for name, p in model.named_parameters() if p.requires_grad]
 
-def in_context(context: Callable[[], object], fn: Callable[..., T]) -> Callable[..., T]:
-    """``fn`` run inside ``context()`` (a sampler run in the run's precision, e.g.)."""
-    @functools.wraps(fn)
-    def run(*args, **kwargs) -> T:
-        with context():
-            return fn(*args, **kwargs)
-    return run
+    @property
+    def trainable(self) -> list[torch.Tensor]:
+        """The tensors the optimizer updates, in the model's parameter order."""
+        return [master for _, master in self.pairs]
 
+    @torch.no_grad()
+    def add_gradients(self) -> None:
+        for working, master in self.pairs:
+            if working.grad is not None:
+                if master.grad is None:
+                    master.grad = working.grad.float()
+                else:
+                    master.grad.add_(working.grad)
+                working.grad = None
 
-@torch.no_grad()
-def hold_linears_in_bf16(model: nn.Module) -> nn.Module:
-    """Replace every ``nn.Linear``'s weight and bias of a model that never trains by a bf16 copy (a tied output
-    head gets its own copy; the embedding it was tied to stays as it is). Under bf16 autocast the outputs are the
-    same bits as with the originals."""
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
-            module.weight = nn.Parameter(module.weight.detach().to(torch.bfloat16), requires_grad=False)
-            if module.bias is not None:
-                module.bias = nn.Parameter(module.bias.detach().to(torch.bfloat16), requires_grad=False)
-    return model
+    @torch.no_grad()
+    def refresh_working_copy(self) -> None:
+        for working, master in self.pairs:
+            working.copy_(master)
+
+    @torch.no_grad()
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        """Set masters (and their working copies) from fp32 tensors by parameter name (a checkpoint's)."""
+        working = dict(self.model.named_parameters())
+        for name, value in state.items():
+            self.masters[name].copy_(value)
+            working[name].copy_(value)
+
+    @torch.no_grad()
+    def restore_fp32(self) -> nn.Module:
+        """The model back in fp32 with the master weights (for the export at the end of a run)."""
+        self.model.float()
+        for name, p in self.model.named_parameters():
+            p.copy_(self.masters[name])
+        return self.model
 
 
 @torch.no_grad()
 def fraction_rounding_away(params: Iterable[torch.Tensor], step: float) -> float:
-    """The fraction of the elements w of ``params`` to which adding ±``step`` in their own dtype gives w back:
-    |step| ≤ half the dtype's spacing at w, eps · 2^(e − 2) for w = m · 2^e, ½ ≤ |m| < 1 (0 for fp32 weights
-    of ordinary size: fp32's half spacing at |w| = 1 is 6e-8)."""
+    """The fraction of the nonzero elements w of ``params`` to which adding ±``step`` in their own dtype gives w
+    back: |step| ≤ half the dtype's spacing at w, eps · 2^(e − 2) for w = m · 2^e with ½ ≤ |m| < 1."""
     total = stuck = 0
     for p in params:
         if not p.is_floating_point():

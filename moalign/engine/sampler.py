@@ -52,20 +52,16 @@ class SlotLayer(DynamicLayer):
     """One layer's keys and values in storage of shape [rows, heads, capacity, head_dim] allocated once.
 
     ``keys``/``values`` are views of the first ``num_rows`` rows and ``length`` positions (what attention reads,
-    exactly as ``DynamicLayer`` would hold them); ``update`` writes the new positions in place. Under autocast the
-    storage has the compute dtype: attention casts keys and values to it on every call, so storing them cast gives
-    it the same bits from half the bytes (fp32 keys come out of the rotary embedding there)."""
+    exactly as ``DynamicLayer`` would hold them); ``update`` writes the new positions in place."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int):
         super().__init__()
         rows, heads, length, head_dim = keys.shape
-        device = keys.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else keys.dtype
-        self.key_store = keys.new_empty(rows, heads, capacity, head_dim, dtype=dtype)
-        self.value_store = values.new_empty(rows, values.shape[1], capacity, values.shape[3], dtype=dtype)
+        self.key_store = keys.new_empty(rows, heads, capacity, head_dim)
+        self.value_store = values.new_empty(rows, values.shape[1], capacity, values.shape[3])
         self.key_store[:, :, :length] = keys
         self.value_store[:, :, :length] = values
-        self.dtype, self.device = dtype, keys.device
+        self.dtype, self.device = keys.dtype, keys.device
         self.is_initialized = True
         self.num_rows, self.length = rows, length
         self._refresh_views()

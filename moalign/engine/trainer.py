@@ -50,7 +50,7 @@ from moalign.engine.evaluation import (
 from moalign.engine.linear_grads import LinearGradientsInPlace
 from moalign.engine.memory import trim_heap_if_large
 from moalign.engine.metrics import MetricsWriter
-from moalign.engine.precision import compute_context, hold_linears_in_bf16, in_context, warn_if_updates_round_away
+from moalign.engine.precision import MasterWeights, warn_if_updates_round_away
 from moalign.engine.rollout import Rollout, micro_batch_logprobs, response_logprobs
 from moalign.engine.sampler import fast_generate
 from moalign.engine.trunk import FrozenTrunk
@@ -159,14 +159,14 @@ class Trainer:
         model, self.tokenizer = load_model(cfg.model, cfg.precision)
         self.prompt_tokens = {name: encode_prompts(self.tokenizer, name, exs, cfg.rollout.max_prompt_tokens,
                                                    system_prompt_for(cfg.model)) for name, exs in self.splits.items()}
-        # every forward and backward runs in this context (bf16 autocast for precision=bf16-mixed)
-        self.compute = partial(compute_context, cfg.precision, self.device)
         self.reference = None
         if cfg.loss.kl_coef > 0 and cfg.model.lora is None:
             self.reference = copy.deepcopy(model).eval().requires_grad_(False).to(self.device)
-            if cfg.precision == "bf16-mixed":  # it never trains: bf16 copies give autocast's own numbers
-                hold_linears_in_bf16(self.reference)
+            if cfg.precision == "bf16-mixed":  # it computes as the policy does
+                self.reference.to(torch.bfloat16)
         self.model = prepare_trainable(model, cfg.model).to(self.device)
+        # bf16-mixed: the model is a bf16 working copy; the optimizer updates fp32 masters (engine/precision.py)
+        self.master = MasterWeights(self.model) if cfg.precision == "bf16-mixed" else None
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         if not self.params:
             raise UserError("no trainable parameters (check model.train_last_k_layers / model.lora)")
@@ -177,7 +177,8 @@ class Trainer:
         if cfg.model.train_last_k_layers is not None and cfg.model.lora is None and cfg.model.reuse_frozen_trunk:
             self.trunk = FrozenTrunk.for_model(self.model, cfg.model.train_last_k_layers)
         o = cfg.optim
-        self.optimizer = make_adamw(self.params, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas)
+        self.optimized = self.master.trainable if self.master is not None else self.params
+        self.optimizer = make_adamw(self.optimized, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas)
         warn_if_updates_round_away(self.params, o.lr, cfg.precision)
         self.stream = PromptStream(len(self.splits["train"]), cfg.seed)
         self.step_idx = 0
@@ -194,8 +195,8 @@ class Trainer:
         n_probe = d.probe_prompts if d.probe_prompts is not None else (8 if cfg.model.name == "tiny" else 0)
         self.num_probe = min(n_probe, len(self.splits["val"])) if d.law else 0
         self._probe_last: torch.Tensor | None = None  # probe means under the current policy (recomputable)
-        self.generate = in_context(self.compute, partial(fast_generate, pack_weights=cfg.rollout.pack_weights)
-                                   if cfg.rollout.sampler == "fast" else hf_rollout.generate)
+        self.generate = (partial(fast_generate, pack_weights=cfg.rollout.pack_weights)
+                         if cfg.rollout.sampler == "fast" else hf_rollout.generate)
         if resume:
             self._resume()
 
@@ -233,17 +234,17 @@ class Trainer:
                 self._probe_last = self._probe_means()
         hidden = None  # the frozen trunk's output, shared by every pass below
         if self.trunk is not None:
-            with timer("trunk"), self.compute():
+            with timer("trunk"):
                 hidden = self.trunk.hidden_states(self.model, rollout, mb)
         old_lp = None  # exactly on-policy (1 epoch, 1 mini-batch): π_old is the update's own detached forward
         if not self._exactly_on_policy():
             old_lp = self._sampler_logprobs_as_old(rollout)
             if old_lp is None:
-                with timer("old_logprobs"), self._top_only(self.model), self.compute():
+                with timer("old_logprobs"), self._top_only(self.model):
                     old_lp = response_logprobs(self.model, rollout, mb, r.temperature, trunk_hidden=hidden).cpu()
         ref_lp = None
         if cfg.loss.kl_coef > 0:
-            with timer("ref_logprobs"), self.compute():
+            with timer("ref_logprobs"):
                 ref_lp = self._reference_logprobs(rollout, hidden, mb)
         mask = rollout.response_mask
         w = self.weighting
@@ -265,7 +266,7 @@ class Trainer:
             stats.advantages = (per_obj @ w.weights.to(per_obj.dtype)).float()
             stats.scores = scores = torch.nan_to_num(scored.rewards) @ w.weights.to(scored.rewards.dtype)
         if w.needs_post_update_logprobs or self.law is not None:
-            with timer("post_logprobs"), self._top_only(self.model), self.compute():
+            with timer("post_logprobs"), self._top_only(self.model):
                 self.model.eval()
                 stats.new_logprobs = self._post_update_logprobs(rollout, hidden, stats, mb)
         with timer("weighting"):
@@ -343,9 +344,11 @@ class Trainer:
                     part, mini_logprobs = self._mini_batch_gradients(
                         rollout.select(mini), _rows(hidden, mini), _rows(old_lp, mini), _rows(ref_lp, mini),
                         advantages[mini], _rows(per_obj, mini), stats)
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, o.grad_clip)
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.optimized, o.grad_clip)
                 if torch.isfinite(grad_norm):
                     self.optimizer.step()
+                    if self.master is not None:
+                        self.master.refresh_working_copy()
                 else:  # a non-finite gradient would poison the weights: skip this optimizer step
                     self.skipped_steps += 1
                 self.optimizer.zero_grad(set_to_none=True)
@@ -364,8 +367,7 @@ class Trainer:
     def _sampler_logprobs_as_old(self, rollout: Rollout) -> torch.Tensor | None:
         """The sampler's per-token log-probs as π_old, which saves a forward pass. They are log π under the same
         weights and temperature, from the KV-cache decode instead of one forward over the sequence: equal to ≈ 1e-5
-        in fp32, but not in bf16, where matmuls of other shapes round differently and ``auto`` recomputes
-        (docs/performance.md measures the difference)."""
+        in fp32, but not in bf16, where ``auto`` recomputes."""
         mode = self.cfg.loss.old_logprobs
         if mode == "recompute" or rollout.sampler_logprobs is None:
             return None
@@ -412,6 +414,8 @@ class Trainer:
                 (pg + lc.kl_coef * kl).backward()
                 if embedding_rows is not None:
                     embedding_rows.flush()
+                if self.master is not None:  # the micro-batch's bf16 gradients, accumulated in fp32
+                    self.master.add_gradients()
                 frac = float(m.sum()) / agg["num_tokens"]
                 logs["policy"] += float(pg.detach())
                 logs["kl"] += float(kl.detach())
@@ -425,10 +429,9 @@ class Trainer:
         mb = self.cfg.optim.micro_batch_size
         for start in range(0, len(mini), mb):
             sl = slice(start, start + mb)
-            with self.compute():  # the forward; its backward runs in the dtypes the forward chose
-                lp = micro_batch_logprobs(self.model, mini.prompt_ids[sl], mini.prompt_mask[sl],
-                                          mini.response_ids[sl], mini.response_mask[sl], self.cfg.rollout.temperature,
-                                          grad=True, trunk_hidden=_rows(hidden, sl))
+            lp = micro_batch_logprobs(self.model, mini.prompt_ids[sl], mini.prompt_mask[sl], mini.response_ids[sl],
+                                      mini.response_mask[sl], self.cfg.rollout.temperature, grad=True,
+                                      trunk_hidden=_rows(hidden, sl))
             yield sl, mini.response_mask[sl].to(self.device), lp
 
     def _policy_losses(self, lp, old, advantages, m, agg) -> tuple[list[torch.Tensor], list]:
@@ -509,7 +512,8 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, Any]:
-        trainable = {k: v.detach().cpu().clone() for k, v in self.model.named_parameters() if v.requires_grad}
+        named = self.master.masters if self.master is not None else dict(self.model.named_parameters())
+        trainable = {k: v.detach().cpu().clone() for k, v in named.items() if v.requires_grad}
         return {"step": self.step_idx, "trainable": trainable, "optimizer": self.optimizer.state_dict(),
                 "weighting": self.weighting.state_dict(),
                 "objectives": {o.name: o.state_dict() for o in self.objectives},
@@ -530,6 +534,8 @@ class Trainer:
         with torch.no_grad():
             for k, v in state["trainable"].items():
                 named[k].copy_(v)
+        if self.master is not None:
+            self.master.load(state["trainable"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.weighting.load_state_dict(state["weighting"])
         for o in self.objectives:
@@ -620,7 +626,8 @@ class Trainer:
             cb(record)
 
     def export_model(self) -> None:
-        model = self.model.merge_and_unload() if self.cfg.model.lora is not None else self.model
+        model = self.master.restore_fp32() if self.master is not None else self.model  # the end of the run
+        model = model.merge_and_unload() if self.cfg.model.lora is not None else model
         out = self.run_dir / "model"
         tmp = self.run_dir / ".model.tmp"
         if tmp.exists():
