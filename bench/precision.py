@@ -5,6 +5,7 @@ speed and accuracy; and what the sampler's packed weights give in each dtype.
 
     python bench/precision.py                        # all three parts, 2 threads (≈ 10 minutes)
     python bench/precision.py --parts accuracy       # accuracy | ways | linears, comma-separated
+    python bench/precision.py --model tiny --parts accuracy,ways --prompts 2 --rounds 1   # a quick look
 
 Prints ``name: value`` lines. "bf16" below is the engine's bf16-mixed computation: the model's weights in bf16
 (a working copy), every forward in bf16; the optimizer updates fp32 masters (``engine.precision.MasterWeights``).
@@ -89,7 +90,7 @@ from moalign.objectives import ScoringBatch, load_objective  # noqa: E402
 from moalign.rl.covariance import group_covariance, training_signal  # noqa: E402
 from moalign.rl.estimators import get_estimator  # noqa: E402
 
-MODEL = ModelConfig(name="smollm2-135m")
+MODEL = ModelConfig(name="smollm2-135m")  # --model replaces it
 CLIP = 0.2
 PRECISIONS = ("fp32", "bf16-mixed")
 
@@ -410,6 +411,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default="linears,ways,accuracy")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--model", default="smollm2-135m", help="accuracy and ways: the model (tiny for a quick look)")
     parser.add_argument("--prompts", type=int, default=8, help="accuracy: training prompts sampled")
     parser.add_argument("--samples", type=int, default=4, help="accuracy: completions per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=128)
@@ -419,7 +421,10 @@ def main() -> None:
     parser.add_argument("--sampler-tokens", type=int, default=64, help="ways: tokens sampled per row")
     args = parser.parse_args()
     set_threads(args.threads)
+    global MODEL
+    MODEL = ModelConfig(name=args.model)
     report("threads", args.threads)
+    report("model", args.model)
     parts = args.parts.split(",")
     for name, part in (("linears", linears), ("ways", ways), ("accuracy", accuracy)):
         if name in parts:

@@ -18,8 +18,8 @@ its time ratio is an exact like-for-like speedup.
     python bench/rollout.py --models smollm2 --precisions fp32,bf16-mixed   # both samplers in both precisions,
                                                  # all four taking turns in the same rounds
 
-``--precisions``: each sampler runs in each precision (``bf16-mixed``: under bf16 autocast over the fp32 weights,
-as the trainer runs it); names then carry the precision (``rollout_tokens_per_s_fast_bf16-mixed_smollm2_b64``),
+``--precisions``: each sampler runs in each precision (``bf16-mixed``: on a bf16 copy of the model, as the trainer
+samples); names then carry the precision (``rollout_tokens_per_s_fast_bf16-mixed_smollm2_b64``),
 ``rollout_speedup_<precision>_...`` compares the two samplers in one precision and
 ``rollout_bf16_speedup_<sampler>_...`` one sampler across precisions.
 """
@@ -27,6 +27,7 @@ as the trainer runs it); names then carry the precision (``rollout_tokens_per_s_
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 from functools import partial
 
@@ -35,7 +36,6 @@ from _common import matmul_peak_gflops, report, set_threads, time_alternately
 
 from moalign.config import ModelConfig
 from moalign.data import DataConfig, load_data
-from moalign.engine.precision import compute_context, in_context
 from moalign.engine.rollout import generate
 from moalign.engine.sampler import fast_generate
 from moalign.models.loading import load_model
@@ -88,15 +88,13 @@ def compare_sampling(model, tokenizer, prompts: list[list[int]], samples: int, m
             for name, pairs in runs.items()}
 
 
-def compare_greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, min_seconds: float,
-                   precision: str = "fp32") -> tuple[int, float]:
-    """(rows whose greedy tokens differ between the samplers, time of generate / time of fast_generate), both in
-    ``precision``."""
+def compare_greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, min_seconds: float
+                   ) -> tuple[int, float]:
+    """(rows whose greedy tokens differ between the samplers, time of generate / time of fast_generate)."""
     index = list(range(len(prompts)))
-    samplers = {name: in_context(lambda: compute_context(precision, "cpu"), s) for name, s in SAMPLERS.items()}
     runs = time_alternately({name: lambda _, s=s: s(model, tokenizer, prompts, index, index, max_new_tokens,
                                                     greedy=True)
-                             for name, s in samplers.items()}, 1, min_seconds)
+                             for name, s in SAMPLERS.items()}, 1, min_seconds)
     reference, fast = runs["generate"][0][0], runs["fast"][0][0]
     if reference.response_ids.shape != fast.response_ids.shape:
         differing = len(prompts)
@@ -106,10 +104,17 @@ def compare_greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
     return differing, seconds["generate"] / seconds["fast"]
 
 
+def on_model(sampler, model):
+    """``sampler`` run on ``model`` whatever model it is given (the bf16 copy of a precision's rounds)."""
+    return lambda _model, *args, **kwargs: sampler(model, *args, **kwargs)
+
+
 def bench_model(key: str, shapes: list[tuple[int, int]], max_new_tokens: int, repeats: int, min_seconds: float,
                 peak: float, unpacked: bool, plain_decode: bool, precisions: list[str]) -> None:
     model, tokenizer = load_model(ModelConfig(name=MODEL_NAMES[key]))
     model.eval()
+    models = {precision: model if precision == "fp32" else copy.deepcopy(model).to(torch.bfloat16)
+              for precision in precisions}
     report(f"{key}_params_m", sum(p.numel() for p in model.parameters()) / 1e6)
     report(f"{key}_decode_bound_tokens_per_s", peak * 1e9 / flops_per_token(model))
     prompts = chat_prompts(tokenizer, max(p for p, _ in shapes) + 16)
@@ -121,14 +126,14 @@ def bench_model(key: str, shapes: list[tuple[int, int]], max_new_tokens: int, re
         return f"{name}_{precision}" if named else name
 
     for precision in precisions:
-        differing, speedup = compare_greedy(model, tokenizer, prompts[:16], max_new_tokens, min_seconds, precision)
+        differing, speedup = compare_greedy(models[precision], tokenizer, prompts[:16], max_new_tokens, min_seconds)
         report(f"greedy_identical_{tag(key, precision)}_b16", differing == 0)
         report(f"greedy_rows_differing_{tag(key, precision)}_b16", differing)
         report(f"greedy_speedup_{tag(key, precision)}_b16", speedup)
 
     base = {**SAMPLERS, **({"fast_unpacked": fast_generate_unpacked} if unpacked else {}),
             **({"fast_plain_decode": fast_generate_plain_decode} if plain_decode else {})}
-    samplers = {tag(name, precision): in_context(partial(compute_context, precision, "cpu"), sampler)
+    samplers = {tag(name, precision): on_model(sampler, models[precision])
                 for precision in precisions for name, sampler in base.items()}
     for n_prompts, samples in shapes:
         b = n_prompts * samples
