@@ -84,7 +84,7 @@ class LossConfig(Section):
     old_logprobs: Literal["auto", "sampler", "recompute"] = Field(
         "auto", description="π_old of an update that is not exactly on-policy (several mini-batches or PPO epochs): "
         "'sampler' reuses the fast sampler's log-probs (no extra forward), 'recompute' runs a forward; 'auto': "
-        "the sampler's in fp32, a forward in the bf16 precisions (KV-cache decoding rounds differently there)")
+        "the sampler's where the fast sampler made them, else a forward")
 
     @field_validator("kl_estimator")
     @classmethod

@@ -93,16 +93,17 @@ def test_native_bf16_pure_warns_and_its_weights_barely_move(tmp_path, caplog):
     assert changed < 0.02  # the bug bf16-mixed fixes: the step rounds away
 
 
-def test_reference_computes_in_bf16_and_old_logprobs_are_recomputed_in_bf16(tmp_path):
+def test_reference_computes_in_bf16_and_old_logprobs_come_from_the_sampler(tmp_path):
     from moalign.engine.trainer import Trainer
 
     cfg = build_config(TrainConfig, {}, TINY + ["precision=bf16-mixed", "optim.mini_batches=2"])
     trainer = Trainer(cfg, tmp_path)
     assert all(p.dtype == torch.bfloat16 for p in trainer.reference.parameters())
     rollout = type("R", (), {"sampler_logprobs": torch.zeros(2, 3)})()
-    assert trainer._sampler_logprobs_as_old(rollout) is None  # auto: the KV-cache decode rounds differently in bf16
-    trainer.cfg.precision = "fp32"
+    # auto: the sampler's, in bf16 as in fp32 (a recomputed forward is no closer to the update's)
     assert trainer._sampler_logprobs_as_old(rollout) is rollout.sampler_logprobs
+    trainer.cfg.loss.old_logprobs = "recompute"
+    assert trainer._sampler_logprobs_as_old(rollout) is None
 
 
 @pytest.fixture(scope="module")

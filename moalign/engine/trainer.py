@@ -366,12 +366,11 @@ class Trainer:
 
     def _sampler_logprobs_as_old(self, rollout: Rollout) -> torch.Tensor | None:
         """The sampler's per-token log-probs as π_old, which saves a forward pass. They are log π under the same
-        weights and temperature, from the KV-cache decode instead of one forward over the sequence: equal to ≈ 1e-5
-        in fp32, but not in bf16, where ``auto`` recomputes."""
-        mode = self.cfg.loss.old_logprobs
-        if mode == "recompute" or rollout.sampler_logprobs is None:
-            return None
-        if mode == "auto" and self.cfg.precision != "fp32":
+        weights and temperature, from the KV-cache decode instead of one forward over the sequence: equal to the
+        update's forward to ≈ 1e-5 in fp32; in bf16 both they and a recomputed forward differ from it by the same
+        ≈ 0.02 (median |Δ log π|, docs/performance.md), and theirs are the probabilities the tokens were drawn
+        with."""
+        if self.cfg.loss.old_logprobs == "recompute":
             return None
         return rollout.sampler_logprobs
 
