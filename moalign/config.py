@@ -70,8 +70,9 @@ class RolloutConfig(Section):
     top_p: float = Field(1.0, gt=0, le=1)
     sampler: Literal["fast", "hf"] = Field("fast", description="fast: moalign's KV-cache sampler (same outputs, "
                                            "several times faster on CPU); hf: transformers' generate")
-    pack_weights: bool = Field(True, description="fast sampler on CPU: multiply by MKL-packed copies of the fp32 "
-                               "weights (1.1–1.2× faster; one more copy of the linear weights while sampling)")
+    pack_weights: bool = Field(True, description="fast sampler on CPU: multiply by packed copies of the fp32 (MKL) "
+                               "or bf16 (oneDNN) weights (1.1–1.2× faster; one more copy of the linear weights "
+                               "while sampling)")
 
 
 class LossConfig(Section):
@@ -245,9 +246,10 @@ class TrainConfig(Section):
     run_dir: Optional[str] = Field(None, description="default: runs/<timestamp>")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     precision: Literal["fp32", "bf16-mixed", "bf16-pure"] = Field(
-        "fp32", description="fp32; bf16-mixed: fp32 weights and optimizer state, every forward, backward and the "
-        "sampler in bfloat16 (autocast); bf16-pure: the weights themselves in bfloat16 (updates below bf16's "
-        "resolution round away: a warning says when the learning rate is that small)")
+        "fp32", description="fp32; bf16-mixed: fp32 master weights, gradients and optimizer state, every forward, "
+        "backward and the sampler in bfloat16 (engine=trl: accelerate's bf16 autocast); bf16-pure: the weights "
+        "themselves in bfloat16 (updates below bf16's resolution round away: a warning says when the learning rate "
+        "is that small)")
     threads: Optional[int] = Field(None, ge=1, description="torch CPU threads (default: all cores)")
     engine: Literal["native", "trl"] = "native"
 

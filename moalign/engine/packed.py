@@ -5,12 +5,12 @@ counts of decoding (one row per live sequence) that packing is a large share of 
 packs every weight once per call and multiplies by the packed copy until it returns:
 
 * **fp32** (MKL's sgemm, ``torch.ops.mkl._mkl_reorder_linear_weight`` / ``_mkl_linear``): SmolLM2-135M's 211
-  decode-step products take 47 → 36 ms at 16 rows, 87 → 65 ms at 64 (``bench/precision.py``). Bit-identical to
+  decode-step products take 54 → 42 ms at 16 rows, 92 → 73 ms at 64 (``bench/precision.py``). Bit-identical to
   ``F.linear`` at 16 and 64 rows here, within float rounding at a handful of rows, where plain ``F.linear`` takes a
   matrix–vector path instead.
 * **bf16** (the bf16 weights of ``precision=bf16-mixed`` and ``bf16-pure``; oneDNN, AMX where the CPU has it,
-  ``torch.ops.mkldnn._reorder_linear_weight`` / ``_linear_pointwise``): the same 211 products take 24 → 16 ms at
-  16 rows, 31 → 20 ms at 64. Bit-identical to ``F.linear`` at every row count measured (1–512).
+  ``torch.ops.mkldnn._reorder_linear_weight`` / ``_linear_pointwise``): the same 211 products take 26 → 19 ms at
+  16 rows, 34 → 24 ms at 64. Bit-identical to ``F.linear`` at every row count measured (1–512).
 
 Inference only (the packed product has no autograd), CPU only, and only while the weights do not change: a
 weight modified in place since packing (its version counter) takes the plain product, and so does a call under

@@ -15,10 +15,10 @@
   steps accumulate in the fp32 masters and reach the bf16 copies once they add up to half a spacing.
 
 Working copies rather than autocast over fp32 weights: on this project's CPU the update's forward and backward
-took 5.75 s with a bf16 copy against 6.53 s under autocast (whose fp32 residual stream and norms cost a cast at
-every linear layer's input and gradient), the sampler 362 against 172 tokens/s (autocast re-casts every weight at
-every decode step under ``torch.inference_mode``); docs/performance.md has the figures and what they cost in
-accuracy.
+took 6.15 s with a bf16 copy against 7.27 s under autocast (whose fp32 residual stream and norms cost a cast at
+every linear layer's input and gradient), the sampler 334 against 117 tokens/s (autocast re-casts every weight at
+every decode step under ``torch.inference_mode``); the copy's log-probs are ≈ 1.2× further from fp32's
+(``bench/precision.py``, docs/performance.md).
 """
 
 from __future__ import annotations

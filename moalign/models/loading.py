@@ -14,8 +14,8 @@ from moalign.models.smollm2 import SMOLLM2_NAMES, SMOLLM2_SYSTEM_PROMPT, load_sm
 if TYPE_CHECKING:
     from moalign.config import ModelConfig
 
-# the dtype the weights are loaded in, per precision (TrainConfig.precision): bf16-mixed keeps fp32 weights (the master copy the
-# optimizer updates) and computes in bf16 under autocast (engine/precision.py)
+# the dtype the weights are loaded in, per TrainConfig.precision: bf16-mixed loads fp32 weights (the masters the
+# optimizer updates; the engine computes with a bf16 copy, engine/precision.py)
 WEIGHT_DTYPES = {"fp32": torch.float32, "bf16-mixed": torch.float32, "bf16-pure": torch.bfloat16}
 
 
