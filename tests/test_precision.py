@@ -204,3 +204,56 @@ def test_sampler_on_a_bf16_model_matches_generate_with_packed_weights_and_the_le
     # packed bf16 weights and the lean decode step: the same bits as the model's own forward
     assert torch.equal(fast.response_ids, plain.response_ids)
     assert torch.equal(fast.sampler_logprobs, plain.sampler_logprobs)
+
+
+# ---- a bf16-mixed run: checkpoints, resume, export ------------------------------------------------------------
+
+def test_bf16_mixed_resume_equals_uninterrupted_and_checkpoints_hold_the_fp32_masters(tmp_path):
+    from moalign.engine.metrics import read_metrics
+    from moalign.engine.trainer import Trainer
+
+    cfg = build_config(TrainConfig, {}, TINY + ["precision=bf16-mixed", "optim.lr=1e-3", "steps=2",
+                                                "checkpoint.every=1", "eval.num_prompts=2"])
+    (tmp_path / "full").mkdir()
+    Trainer(cfg, tmp_path / "full").run()
+    part = tmp_path / "part"
+    part.mkdir()
+    first = Trainer(cfg.model_copy(update={"steps": 1}), part)
+    first.run()
+    masters = {k: v.clone() for k, v in first.master.masters.items()}
+    del first
+    resumed = Trainer(cfg, part, resume=True)  # the one-step run's checkpoint: its masters, not their bf16 copy
+    assert all(torch.equal(resumed.master.masters[k], masters[k]) for k in masters)
+    assert all(torch.equal(p, masters[k].to(torch.bfloat16)) for k, p in resumed.model.named_parameters())
+    resumed.finished = False
+    resumed.run()
+
+    def step_lines(run):
+        return [{k: v for k, v in line.items() if not k.startswith(("time/", "perf/"))}
+                for line in read_metrics(run / "metrics.jsonl") if "loss/policy" in line]
+
+    assert step_lines(part) == step_lines(tmp_path / "full")
+    a = torch.load(sorted((tmp_path / "full" / "checkpoints").glob("*.pt"))[-1], weights_only=False)["trainable"]
+    b = torch.load(sorted((part / "checkpoints").glob("*.pt"))[-1], weights_only=False)["trainable"]
+    assert all(a[k].dtype == torch.float32 and torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("trained", ["model.train_last_k_layers=1", "model.lora.r=4"])
+def test_bf16_mixed_exports_fp32_weights_with_frozen_ones_untouched(tmp_path, trained):
+    from transformers import AutoModelForCausalLM
+
+    from moalign.engine.trainer import Trainer
+    from moalign.models import load_model
+
+    cfg = build_config(TrainConfig, {}, TINY + ["precision=bf16-mixed", "optim.lr=1e-3", trained,
+                                                "eval.num_prompts=2", "eval.test_at_end=false"])
+    Trainer(cfg, tmp_path).run()
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype="auto").state_dict()
+    initial = load_model(cfg.model)[0].state_dict()
+    assert all(v.dtype == torch.float32 for v in exported.values())
+    changed = {k for k in initial if not torch.equal(exported[k], initial[k])}
+    if "lora" in trained:  # the adapters merged into the attention projections they target; nothing else moved
+        assert changed and all(k.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"))
+                               for k in changed)
+    else:  # the last block and the final norm trained; every frozen weight is its fp32 self, not a bf16 rounding
+        assert changed and all(k.startswith(("model.layers.3.", "model.norm.")) for k in changed)
