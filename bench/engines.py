@@ -3,10 +3,13 @@ engine, on the same config, measured in the same run.
 
     python bench/engines.py [--steps 6] [--threads 2] [key=value ...]          # tiny, 48 new tokens
     python bench/engines.py --model smollm2-135m --steps 3                      # the default job's shapes
+    python bench/engines.py --model smollm2-135m --steps 3 precision=bf16-mixed # both engines in bf16-mixed
 
 Both engines run the same work: 4 prompts × 4 samples, the same token budget and micro-batch, KL to the reference,
-CTWA with its post-update forward. The native engine's probe set (a diagnostic re-sampling of validation prompts
-after every update, on by default for ``tiny``) is switched off, since TRL has no counterpart.
+CTWA with its post-update forward, and the same precision (``precision=bf16-mixed``: fp32 master weights and bf16
+compute in both — a bf16 working copy in the native engine, accelerate's autocast for TRL). The native engine's
+probe set (a diagnostic re-sampling of validation prompts after every update, on by default for ``tiny``) is
+switched off, since TRL has no counterpart.
 
 The two engines draw different samples (different random streams and prompt orders), so their responses end at
 different lengths, and step time follows length. ``--fixed-length`` removes that noise: every response runs to

@@ -15,11 +15,19 @@ its time ratio is an exact like-for-like speedup.
                                                  # on their own before the budget (≈ 8 min)
     python bench/rollout.py --models smollm2 --unpacked   # + fast_generate without packed weights, same rounds
     python bench/rollout.py --models smollm2 --plain-decode   # + fast_generate with the model's forward per step
+    python bench/rollout.py --models smollm2 --precisions fp32,bf16-mixed   # both samplers in both precisions,
+                                                 # all four taking turns in the same rounds
+
+``--precisions``: each sampler runs in each precision (``bf16-mixed``: on a bf16 copy of the model, as the trainer
+samples); names then carry the precision (``rollout_tokens_per_s_fast_bf16-mixed_smollm2_b64``),
+``rollout_speedup_<precision>_...`` compares the two samplers in one precision and
+``rollout_bf16_speedup_<sampler>_...`` one sampler across precisions.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 from functools import partial
 
@@ -96,22 +104,37 @@ def compare_greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
     return differing, seconds["generate"] / seconds["fast"]
 
 
+def on_model(sampler, model):
+    """``sampler`` run on ``model`` whatever model it is given (the bf16 copy of a precision's rounds)."""
+    return lambda _model, *args, **kwargs: sampler(model, *args, **kwargs)
+
+
 def bench_model(key: str, shapes: list[tuple[int, int]], max_new_tokens: int, repeats: int, min_seconds: float,
-                peak: float, unpacked: bool, plain_decode: bool) -> None:
+                peak: float, unpacked: bool, plain_decode: bool, precisions: list[str]) -> None:
     model, tokenizer = load_model(ModelConfig(name=MODEL_NAMES[key]))
     model.eval()
+    models = {precision: model if precision == "fp32" else copy.deepcopy(model).to(torch.bfloat16)
+              for precision in precisions}
     report(f"{key}_params_m", sum(p.numel() for p in model.parameters()) / 1e6)
     report(f"{key}_decode_bound_tokens_per_s", peak * 1e9 / flops_per_token(model))
     prompts = chat_prompts(tokenizer, max(p for p, _ in shapes) + 16)
     report(f"{key}_mean_prompt_tokens", sum(map(len, prompts)) / len(prompts))
 
-    differing, speedup = compare_greedy(model, tokenizer, prompts[:16], max_new_tokens, min_seconds)
-    report(f"greedy_identical_{key}_b16", differing == 0)
-    report(f"greedy_rows_differing_{key}_b16", differing)
-    report(f"greedy_speedup_{key}_b16", speedup)
+    named = len(precisions) > 1  # names carry the precision
 
-    samplers = {**SAMPLERS, **({"fast_unpacked": fast_generate_unpacked} if unpacked else {}),
-                **({"fast_plain_decode": fast_generate_plain_decode} if plain_decode else {})}
+    def tag(name: str, precision: str) -> str:
+        return f"{name}_{precision}" if named else name
+
+    for precision in precisions:
+        differing, speedup = compare_greedy(models[precision], tokenizer, prompts[:16], max_new_tokens, min_seconds)
+        report(f"greedy_identical_{tag(key, precision)}_b16", differing == 0)
+        report(f"greedy_rows_differing_{tag(key, precision)}_b16", differing)
+        report(f"greedy_speedup_{tag(key, precision)}_b16", speedup)
+
+    base = {**SAMPLERS, **({"fast_unpacked": fast_generate_unpacked} if unpacked else {}),
+            **({"fast_plain_decode": fast_generate_plain_decode} if plain_decode else {})}
+    samplers = {tag(name, precision): on_model(sampler, models[precision])
+                for precision in precisions for name, sampler in base.items()}
     for n_prompts, samples in shapes:
         b = n_prompts * samples
         totals = compare_sampling(model, tokenizer, prompts[:n_prompts], samples, max_new_tokens, repeats,
@@ -121,11 +144,20 @@ def bench_model(key: str, shapes: list[tuple[int, int]], max_new_tokens: int, re
             report(f"rollout_tokens_per_s_{name}_{key}_b{b}", rate[name])
             report(f"rollout_mean_length_{name}_{key}_b{b}", t["tokens"] / t["responses"])
             report(f"rollout_truncated_fraction_{name}_{key}_b{b}", t["truncated"] / t["responses"])
-        report(f"rollout_speedup_{key}_b{b}", rate["fast"] / rate["generate"])
-        if unpacked:
-            report(f"rollout_packing_speedup_{key}_b{b}", rate["fast"] / rate["fast_unpacked"])
-        if plain_decode:
-            report(f"rollout_lean_decode_speedup_{key}_b{b}", rate["fast"] / rate["fast_plain_decode"])
+        for precision in precisions:
+            rates = {name: rate[tag(name, precision)] for name in base}
+            suffix = f"{precision}_{key}" if named else key
+            report(f"rollout_speedup_{suffix}_b{b}", rates["fast"] / rates["generate"])
+            if unpacked:
+                report(f"rollout_packing_speedup_{suffix}_b{b}", rates["fast"] / rates["fast_unpacked"])
+            if plain_decode:
+                report(f"rollout_lean_decode_speedup_{suffix}_b{b}", rates["fast"] / rates["fast_plain_decode"])
+        if named and "fp32" in precisions:
+            for name in base:
+                for precision in precisions:
+                    if precision != "fp32":
+                        report(f"rollout_bf16_speedup_{name}_{key}_b{b}",
+                               rate[tag(name, precision)] / rate[tag(name, "fp32")])
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
@@ -143,6 +175,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--unpacked", action="store_true",
                         help="also time fast_generate without packed weights (engine.packed), in the same rounds")
+    parser.add_argument("--precisions", default="fp32", help="comma-separated: fp32, bf16-mixed")
     parser.add_argument("--plain-decode", action="store_true",
                         help="also time fast_generate with the model's forward per decode step (no engine.decode)")
     args = parser.parse_args()
@@ -155,7 +188,7 @@ def main() -> None:
             report("tiny_skipped", "moalign.models.tiny does not exist yet")
             continue
         bench_model(key, parse_shapes(args.shapes), args.max_new_tokens, args.repeats, args.min_seconds, peak,
-                    args.unpacked, args.plain_decode)
+                    args.unpacked, args.plain_decode, args.precisions.split(","))
 
 
 if __name__ == "__main__":

@@ -3,10 +3,14 @@ fraction of this machine's matmul peak the training passes reach.
 
     python bench/step.py                         # the default job's config (SmolLM2-135M, CTWA), 3 timed steps
     python bench/step.py model=tiny --steps 6    # any config override, as for `moalign train`
+    python bench/step.py --precisions fp32,bf16-mixed   # one trainer per precision, steps taking turns
 
 The config is the default `moalign train` config with the overrides given, minus evaluation and checkpoints (they
-are not part of a step). One warm-up step runs first; the figures are medians over the timed steps. Prints
-``name: value`` lines:
+are not part of a step). One warm-up step runs first; the figures are medians over the timed steps. With
+``--precisions``, one trainer per precision is built and their steps alternate (each round in reversed order), so
+the machine's drift hits both alike; every figure then carries a ``_<precision>`` suffix, ``step_speedup_<p>`` and
+``phase_<name>_speedup_<p>`` are fp32's seconds over p's, and the per-phase memory is not reported (the process
+holds both trainers). Prints ``name: value`` lines:
 
 * ``phase_<name>_s`` and ``phase_<name>_fraction``: the trainer's own phase timers (sample, score, ref_logprobs,
   update, post_logprobs, weighting, …) and their share of the step; ``weighting_fraction`` is the weighting's
@@ -30,6 +34,7 @@ import tempfile
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -111,12 +116,58 @@ def logprob_pass_flops(trainer, calls: list[tuple[object, int]]) -> float:
                for rollout, mb in calls)
 
 
+@dataclass
+class Measured:
+    """One trainer of the run and what its steps recorded."""
+
+    trainer: object
+    records: list = field(default_factory=list)
+    rollouts: list = field(default_factory=list)
+    logprob_calls: list = field(default_factory=list)  # per step: phase → [(rows given, micro-batch size)]
+    phase_peaks: dict = field(default_factory=dict)  # phase → the peak resident set of each time it ran
+
+
+def report_steps(m: Measured, suffix: str, peak: float, memory: bool) -> float:
+    """The figures of one trainer's timed steps (its first step dropped); returns the median step time."""
+    trainer, records = m.trainer, m.records[1:]
+    rollouts, logprob_calls = m.rollouts[1:], m.logprob_calls[1:]
+    phases = [k.removeprefix("time/").removesuffix("_s") for k in records[0] if k.startswith("time/")]
+    step_s = statistics.median(r["perf/step_s"] for r in records)
+    report(f"step_s{suffix}", step_s)
+    for name in phases:
+        seconds = statistics.median(r[f"time/{name}_s"] for r in records)
+        report(f"phase_{name}_s{suffix}", seconds)
+        report(f"phase_{name}_fraction{suffix}", seconds / step_s)
+    report(f"weighting_fraction{suffix}", statistics.median(
+        (r.get("time/advantages_s", 0.0) + r.get("time/weighting_s", 0.0)) / r["perf/step_s"] for r in records))
+    report(f"sample_tokens_per_s{suffix}", statistics.median(r["perf/sample_tokens_per_s"] for r in records))
+    report(f"response_tokens_mean{suffix}", statistics.mean(r["train/length/mean"] for r in records))
+    for name in ("ref_logprobs", "old_logprobs", "post_logprobs", "update", "trunk"):
+        if f"time/{name}_s" not in records[0]:
+            continue
+        if name in ("update", "trunk"):
+            per_step = [pass_flops(trainer, ro)[0 if name == "update" else 1] for ro in rollouts]
+        else:
+            per_step = [logprob_pass_flops(trainer, calls.get(name, [])) for calls in logprob_calls]
+        # rate of each step's pass, then the median (the post-update pass's rows vary from step to step)
+        gflops = statistics.median(f / r[f"time/{name}_s"] / 1e9 for f, r in zip(per_step, records))
+        report(f"{name}_gflops{suffix}", gflops)
+        report(f"{name}_peak_fraction{suffix}", gflops / peak)
+    if memory:
+        for name, peaks in m.phase_peaks.items():
+            report(f"peak_rss_gb_{name}{suffix}", max(peaks))
+    return step_s
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--plain-forward", action="store_true",
                         help="run every row's prompt (no shared-prompt forward), to measure what sharing saves")
+    parser.add_argument("--precisions", default=None,
+                        help="comma-separated precisions (e.g. fp32,bf16-mixed): one trainer each, their steps "
+                             "taking turns in one process")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_intermixed_args()
     set_threads(args.threads)
@@ -135,10 +186,9 @@ def main() -> None:
         rollout_module.micro_batch_logprobs = trainer_module.micro_batch_logprobs = plain
     report("shared_prompt_forward", not args.plain_forward)
 
-    phase_peaks: dict[str, list[float]] = {}
     original_call = trainer_module.PhaseTimer.__call__
     phase_now = [""]
-    logprob_calls: list[dict[str, list]] = []  # per step: phase → [(rows given, micro-batch size)]
+    current: list[Measured] = []  # the trainer whose step is running
 
     @contextmanager
     def watched_phase(self, name, **options):  # the trainer's phase timer, plus the phase's peak resident set
@@ -146,59 +196,60 @@ def main() -> None:
         phase_now[0] = name
         with original_call(self, name, **options):
             yield
-        phase_peaks.setdefault(name, []).append(watcher.reset() / 1e9)
+        current[0].phase_peaks.setdefault(name, []).append(watcher.reset() / 1e9)
 
     trainer_module.PhaseTimer.__call__ = watched_phase
     original_logprobs = trainer_module.response_logprobs
 
     def recorded_logprobs(model, rollout, micro_batch_size, *args, **kwargs):
-        logprob_calls[-1].setdefault(phase_now[0], []).append((rollout, micro_batch_size))
+        current[0].logprob_calls[-1].setdefault(phase_now[0], []).append((rollout, micro_batch_size))
         return original_logprobs(model, rollout, micro_batch_size, *args, **kwargs)
 
     trainer_module.response_logprobs = recorded_logprobs
-    rollouts = []
+    precisions = args.precisions.split(",") if args.precisions else [None]
+    runs: dict[str | None, Measured] = {}
 
     with tempfile.TemporaryDirectory(prefix="moalign-bench-step-") as tmp:
-        run_dir = Path(tmp) / "run"
-        run_dir.mkdir()
-        cfg = build_config(TrainConfig, {}, [*NO_EVAL, f"steps={args.steps + 1}", f"run_dir={run_dir}",
-                                             f"threads={args.threads}", *args.overrides])
-        watcher.reset()
-        trainer = trainer_module.Trainer(cfg, run_dir)
-        report("peak_rss_gb_load", watcher.reset() / 1e9)
-        original_generate = trainer.generate
-        trainer.generate = lambda *a, **k: rollouts.append(original_generate(*a, **k)) or rollouts[-1]
-        trainer._evaluate_start = lambda: None
-        records = []
-        for _ in range(args.steps + 1):
-            logprob_calls.append({})
-            records.append(trainer.step())
-        records, rollouts, logprob_calls = records[1:], rollouts[1:], logprob_calls[1:]
+        for precision in precisions:
+            run_dir = Path(tmp) / (precision or "run")
+            run_dir.mkdir()
+            cfg = build_config(TrainConfig, {}, [*NO_EVAL, f"steps={args.steps + 1}", f"run_dir={run_dir}",
+                                                 f"threads={args.threads}", *args.overrides,
+                                                 *([f"precision={precision}"] if precision else [])])
+            watcher.reset()
+            trainer = trainer_module.Trainer(cfg, run_dir)
+            report(f"peak_rss_gb_load{_suffix(precision, precisions)}", watcher.reset() / 1e9)
+            m = runs[precision] = Measured(trainer)
+            trainer.generate = recording_rollouts(trainer.generate, m.rollouts)
+            trainer._evaluate_start = lambda: None
+        for round_index in range(args.steps + 1):  # the trainers take turns, in reversed order every other round
+            for precision in (precisions if round_index % 2 == 0 else precisions[::-1]):
+                current[:] = [runs[precision]]
+                runs[precision].logprob_calls.append({})
+                runs[precision].records.append(runs[precision].trainer.step())
 
-    phases = [k.removeprefix("time/").removesuffix("_s") for k in records[0] if k.startswith("time/")]
-    step_s = statistics.median(r["perf/step_s"] for r in records)
-    report("step_s", step_s)
-    for name in phases:
-        seconds = statistics.median(r[f"time/{name}_s"] for r in records)
-        report(f"phase_{name}_s", seconds)
-        report(f"phase_{name}_fraction", seconds / step_s)
-    report("weighting_fraction", statistics.median(
-        (r.get("time/advantages_s", 0.0) + r.get("time/weighting_s", 0.0)) / r["perf/step_s"] for r in records))
-    report("sample_tokens_per_s", statistics.median(r["perf/sample_tokens_per_s"] for r in records))
-    for name in ("ref_logprobs", "old_logprobs", "post_logprobs", "update", "trunk"):
-        if f"time/{name}_s" not in records[0]:
-            continue
-        if name in ("update", "trunk"):
-            per_step = [pass_flops(trainer, ro)[0 if name == "update" else 1] for ro in rollouts]
-        else:
-            per_step = [logprob_pass_flops(trainer, calls.get(name, [])) for calls in logprob_calls]
-        # rate of each step's pass, then the median (the post-update pass's rows vary from step to step)
-        gflops = statistics.median(f / r[f"time/{name}_s"] / 1e9 for f, r in zip(per_step, records))
-        report(f"{name}_gflops", gflops)
-        report(f"{name}_peak_fraction", gflops / peak)
-    for name, peaks in phase_peaks.items():
-        report(f"peak_rss_gb_{name}", max(peaks))
+    step_s = {precision: report_steps(m, _suffix(precision, precisions), peak, memory=len(runs) == 1)
+              for precision, m in runs.items()}
+    if "fp32" in step_s:
+        for precision, seconds in step_s.items():
+            if precision != "fp32":
+                report(f"step_speedup_{precision}", step_s["fp32"] / seconds)
+                for name in ("sample", "ref_logprobs", "update", "post_logprobs"):
+                    report(f"phase_{name}_speedup_{precision}",
+                           statistics.median(r[f"time/{name}_s"] for r in runs["fp32"].records[1:])
+                           / statistics.median(r[f"time/{name}_s"] for r in runs[precision].records[1:]))
     report("peak_rss_gb", trainer_module.peak_rss_gb())
+
+
+def recording_rollouts(generate, rollouts: list):
+    def run(*args, **kwargs):
+        rollouts.append(generate(*args, **kwargs))
+        return rollouts[-1]
+    return run
+
+
+def _suffix(precision: str | None, precisions: list) -> str:
+    return f"_{precision}" if len(precisions) > 1 else ""
 
 
 if __name__ == "__main__":

@@ -39,7 +39,6 @@ class LoRAConfig(Section):
 
 class ModelConfig(Section):
     name: str = Field("smollm2-135m", description="'tiny', 'smollm2-135m' (embedded), a HF hub id or a local path")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     train_last_k_layers: Optional[int] = Field(None, ge=1, description="train only the last k transformer blocks")
     reuse_frozen_trunk: bool = Field(True, description="with train_last_k_layers: run the frozen blocks once per "
                                      "step and only the top k in the reference, update and post-update passes")
@@ -47,6 +46,19 @@ class ModelConfig(Section):
     revision: Optional[str] = None
     system_prompt: Optional[str] = Field(None, description="system message before every prompt; None: the model's "
                                          "default (a one-shot answer-format example for smollm2-135m), '' for none")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dtype_is_precision(cls, data):
+        """``dtype``, the key before the top-level ``precision``: float32 (every saved config's) is the default
+        precision; a half-precision dtype loaded the weights themselves in half precision (now ``bf16-pure``,
+        rarely what is meant), so it is an error that names the new key."""
+        if isinstance(data, dict) and "dtype" in data:
+            if data["dtype"] != "float32":
+                raise ValueError(f"model.dtype={data['dtype']} is now the top-level key precision: "
+                                 f"precision=bf16-mixed (fp32 weights, bf16 compute) or precision=bf16-pure")
+            data = {k: v for k, v in data.items() if k != "dtype"}
+        return data
 
 
 class RolloutConfig(Section):
@@ -58,8 +70,9 @@ class RolloutConfig(Section):
     top_p: float = Field(1.0, gt=0, le=1)
     sampler: Literal["fast", "hf"] = Field("fast", description="fast: moalign's KV-cache sampler (same outputs, "
                                            "several times faster on CPU); hf: transformers' generate")
-    pack_weights: bool = Field(True, description="fast sampler on CPU: multiply by MKL-packed copies of the fp32 "
-                               "weights (1.1–1.2× faster; one more copy of the linear weights while sampling)")
+    pack_weights: bool = Field(True, description="fast sampler on CPU: multiply by packed copies of the fp32 (MKL) "
+                               "or bf16 (oneDNN) weights (1.1–1.2× faster; one more copy of the linear weights "
+                               "while sampling)")
 
 
 class LossConfig(Section):
@@ -74,7 +87,7 @@ class LossConfig(Section):
     old_logprobs: Literal["auto", "sampler", "recompute"] = Field(
         "auto", description="π_old of an update that is not exactly on-policy (several mini-batches or PPO epochs): "
         "'sampler' reuses the fast sampler's log-probs (no extra forward), 'recompute' runs a forward; 'auto': "
-        "the sampler's in float32, a forward in half precision (KV-cache decoding rounds differently there)")
+        "the sampler's where the fast sampler made them, else a forward")
 
     @field_validator("kl_estimator")
     @classmethod
@@ -234,6 +247,11 @@ class TrainConfig(Section):
     seed: int = 0
     run_dir: Optional[str] = Field(None, description="default: runs/<timestamp>")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    precision: Literal["fp32", "bf16-mixed", "bf16-pure"] = Field(
+        "fp32", description="fp32; bf16-mixed: fp32 master weights, gradients and optimizer state, every forward, "
+        "backward and the sampler in bfloat16 (engine=trl: accelerate's bf16 autocast); bf16-pure: the weights "
+        "themselves in bfloat16 (updates below bf16's resolution round away: a warning says when the learning rate "
+        "is that small)")
     threads: Optional[int] = Field(None, ge=1, description="torch CPU threads (default: all cores)")
     engine: Literal["native", "trl"] = "native"
 

@@ -1,10 +1,11 @@
-"""engine.packed: linear layers multiplying by pre-packed MKL weights give F.linear's results, and only when safe."""
+"""engine.packed: linear layers multiplying by pre-packed weights (MKL fp32, oneDNN bf16) give F.linear's results,
+and only when safe."""
 
 import pytest
 import torch
 from torch import nn
 
-from moalign.engine.packed import packed_linear_weights, packing_available
+from moalign.engine.packed import bf16_packing_available, packed_linear_weights, packing_available
 
 pytestmark = pytest.mark.skipif(not packing_available(), reason="this torch build has no MKL packed GEMM")
 torch.set_num_threads(1)
@@ -57,11 +58,39 @@ def test_gradients_and_modified_weights_take_the_plain_product():
             torch.testing.assert_close(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
 
 
-def test_only_cpu_fp32_plain_linears_are_packed():
-    model = nn.Sequential(linear(), nn.ReLU(), linear(80, 8).to(torch.bfloat16), nn.Embedding(10, 4))
+def test_only_cpu_plain_linears_are_packed():
+    class Subclass(nn.Linear):
+        pass
+
+    model = nn.Sequential(linear(), nn.ReLU(), linear(80, 8).to(torch.bfloat16), nn.Embedding(10, 4), Subclass(8, 8))
     with torch.no_grad(), packed_linear_weights(model) as n_packed:
-        assert n_packed == 1
-        assert "forward" in model[0].__dict__ and "forward" not in model[2].__dict__
+        assert n_packed == 1 + bf16_packing_available()  # the fp32 layer by MKL, the bf16 one by oneDNN
+        assert "forward" in model[0].__dict__ and "forward" not in model[4].__dict__
+
+
+@pytest.mark.skipif(not bf16_packing_available(), reason="this torch build has no oneDNN bf16 linear")
+@pytest.mark.parametrize("rows", [1, 3, 16, 64, 200])
+@pytest.mark.parametrize("bias", [True, False])
+def test_bf16_packed_product_equals_linear(rows, bias):
+    layer = linear(bias=bias).to(torch.bfloat16)
+    x = torch.randn(2, rows, 48, dtype=torch.bfloat16)
+    with torch.no_grad():
+        expected = layer(x)
+        with packed_linear_weights(layer) as n_packed:
+            assert n_packed == 1
+            got = layer(x)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, expected)  # the same bits
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_layers_step_aside_under_autocast(dtype):
+    layer = linear().to(dtype)
+    x = torch.randn(5, 48)
+    with torch.no_grad(), packed_linear_weights(layer):
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast's product, not the packed one's dtype
+            got = layer(x)
+            expected = nn.functional.linear(x, layer.weight, layer.bias)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, expected)
 
 
 def test_whole_model_logits_unchanged():

@@ -147,7 +147,10 @@ def test_plan_maps_the_config_onto_grpo_arguments():
     assert (a["steps_per_generation"], a["num_iterations"], a["num_generations"]) == (4, 3, 4)
     assert plan.optimizer_steps_per_step == 6 and a["max_steps"] == 30 and a["logging_steps"] == 6
     assert (a["epsilon"], a["epsilon_high"], a["delta"], a["loss_type"]) == (0.2, 0.28, 3.0, "dr_grpo")
-    assert (a["scale_rewards"], a["use_cpu"], a["bf16"]) == ("none", True, False)
+    assert (a["scale_rewards"], a["use_cpu"], a["bf16"], a["fp16"]) == ("none", True, False, False)
+    for precision in ("bf16-mixed", "bf16-pure"):  # accelerate's bf16 autocast, on CPU as on GPU
+        mixed = cfg.model_copy(update={"precision": precision})
+        assert plan_trl_run(mixed, Path("out"), num_processes=2, use_cpu=True).arguments["bf16"] is True
     assert any("micro_batch_size=3 → 2" in n for n in plan.notes) and any("k1" in n for n in plan.notes)
     plan.override({"use_vllm": False})
     assert plan.arguments["use_vllm"] is False and "GRPOConfig use_vllm=False (given directly)" in plan.notes

@@ -19,8 +19,8 @@ The same computation as ``model.generate``, minus the work it wastes on a CPU:
    and copies the whole cache (``torch.cat``) in every layer at every step.
 3. **Finished rows leave the batch.** When a row emits EOS, the last live rows move into the freed slots (only those
    rows are copied), so late steps run on the few sequences still going instead of the whole padded batch.
-4. **Weights packed once per call** (``engine.packed``): MKL re-packs a weight on every ``F.linear``, a large share
-   of a matmul with a few dozen rows.
+4. **Weights packed once per call** (``engine.packed``): the CPU GEMM (MKL in fp32, oneDNN in bf16) re-packs a
+   weight on every ``F.linear``, a large share of a matmul with a few dozen rows.
 5. **Inverse-CDF sampling** (``sample_from_logits``): one uniform draw per row instead of ``torch.multinomial``'s
    one exponential draw per vocabulary entry, which on a CPU costs about as much as the forward itself at a 49k
    vocabulary; two-level (block sums, then one block) and in place on the logits.

@@ -50,6 +50,7 @@ from moalign.engine.evaluation import (
 from moalign.engine.linear_grads import LinearGradientsInPlace
 from moalign.engine.memory import trim_heap_if_large
 from moalign.engine.metrics import MetricsWriter
+from moalign.engine.precision import MasterWeights, warn_if_updates_round_away
 from moalign.engine.rollout import Rollout, micro_batch_logprobs, response_logprobs
 from moalign.engine.sampler import fast_generate
 from moalign.engine.trunk import FrozenTrunk
@@ -155,13 +156,17 @@ class Trainer:
         if not self.splits["train"]:
             raise UserError("the training split is empty; check data.path / data.num_train")
 
-        model, self.tokenizer = load_model(cfg.model)
+        model, self.tokenizer = load_model(cfg.model, cfg.precision)
         self.prompt_tokens = {name: encode_prompts(self.tokenizer, name, exs, cfg.rollout.max_prompt_tokens,
                                                    system_prompt_for(cfg.model)) for name, exs in self.splits.items()}
         self.reference = None
         if cfg.loss.kl_coef > 0 and cfg.model.lora is None:
             self.reference = copy.deepcopy(model).eval().requires_grad_(False).to(self.device)
+            if cfg.precision == "bf16-mixed":  # it computes as the policy does
+                self.reference.to(torch.bfloat16)
         self.model = prepare_trainable(model, cfg.model).to(self.device)
+        # bf16-mixed: the model is a bf16 working copy; the optimizer updates fp32 masters (engine/precision.py)
+        self.master = MasterWeights(self.model) if cfg.precision == "bf16-mixed" else None
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         if not self.params:
             raise UserError("no trainable parameters (check model.train_last_k_layers / model.lora)")
@@ -172,7 +177,9 @@ class Trainer:
         if cfg.model.train_last_k_layers is not None and cfg.model.lora is None and cfg.model.reuse_frozen_trunk:
             self.trunk = FrozenTrunk.for_model(self.model, cfg.model.train_last_k_layers)
         o = cfg.optim
-        self.optimizer = make_adamw(self.params, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas)
+        self.optimized = self.master.trainable if self.master is not None else self.params
+        self.optimizer = make_adamw(self.optimized, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas)
+        warn_if_updates_round_away(self.params, o.lr, cfg.precision)
         self.stream = PromptStream(len(self.splits["train"]), cfg.seed)
         self.step_idx = 0
         self.skipped_steps = 0
@@ -341,9 +348,11 @@ class Trainer:
                     part, mini_logprobs = self._mini_batch_gradients(
                         rollout.select(mini), _rows(hidden, mini), _rows(old_lp, mini), _rows(ref_lp, mini),
                         advantages[mini], _rows(per_obj, mini), stats)
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, o.grad_clip)
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.optimized, o.grad_clip)
                 if torch.isfinite(grad_norm):
                     self.optimizer.step()
+                    if self.master is not None:
+                        self.master.refresh_working_copy()
                 else:  # a non-finite gradient would poison the weights: skip this optimizer step
                     self.skipped_steps += 1
                 self.optimizer.zero_grad(set_to_none=True)
@@ -361,12 +370,11 @@ class Trainer:
 
     def _sampler_logprobs_as_old(self, rollout: Rollout) -> torch.Tensor | None:
         """The sampler's per-token log-probs as π_old, which saves a forward pass. They are log π under the same
-        weights and temperature, from the KV-cache decode instead of one forward over the sequence: equal to ≈ 1e-5
-        in float32, but not in half precision, where ``auto`` recomputes."""
-        mode = self.cfg.loss.old_logprobs
-        if mode == "recompute" or rollout.sampler_logprobs is None:
-            return None
-        if mode == "auto" and next(self.model.parameters()).dtype != torch.float32:
+        weights and temperature, from the KV-cache decode instead of one forward over the sequence: equal to the
+        update's forward to ≈ 1e-5 in fp32; in bf16 both they and a recomputed forward differ from it by the same
+        ≈ 0.02 (median |Δ log π|, docs/performance.md), and theirs are the probabilities the tokens were drawn
+        with."""
+        if self.cfg.loss.old_logprobs == "recompute":
             return None
         return rollout.sampler_logprobs
 
@@ -412,6 +420,8 @@ class Trainer:
                 (pg + lc.kl_coef * kl).backward()
                 if embedding_rows is not None:
                     embedding_rows.flush()
+                if self.master is not None:  # the micro-batch's bf16 gradients, accumulated in fp32
+                    self.master.add_gradients()
                 frac = float(m.sum()) / agg["num_tokens"]
                 logs["policy"] += float(pg.detach())
                 logs["kl"] += float(kl.detach())
@@ -508,7 +518,8 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, Any]:
-        trainable = {k: v.detach().cpu().clone() for k, v in self.model.named_parameters() if v.requires_grad}
+        named = self.master.masters if self.master is not None else dict(self.model.named_parameters())
+        trainable = {k: v.detach().cpu().clone() for k, v in named.items() if v.requires_grad}
         return {"step": self.step_idx, "trainable": trainable, "optimizer": self.optimizer.state_dict(),
                 "weighting": self.weighting.state_dict(),
                 "objectives": {o.name: o.state_dict() for o in self.objectives},
@@ -529,6 +540,8 @@ class Trainer:
         with torch.no_grad():
             for k, v in state["trainable"].items():
                 named[k].copy_(v)
+        if self.master is not None:
+            self.master.load(state["trainable"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.weighting.load_state_dict(state["weighting"])
         for o in self.objectives:
@@ -619,7 +632,8 @@ class Trainer:
             cb(record)
 
     def export_model(self) -> None:
-        model = self.model.merge_and_unload() if self.cfg.model.lora is not None else self.model
+        model = self.master.restore_fp32() if self.master is not None else self.model  # the end of the run
+        model = model.merge_and_unload() if self.cfg.model.lora is not None else model
         out = self.run_dir / "model"
         tmp = self.run_dir / ".model.tmp"
         if tmp.exists():

@@ -14,7 +14,9 @@ from moalign.models.smollm2 import SMOLLM2_NAMES, SMOLLM2_SYSTEM_PROMPT, load_sm
 if TYPE_CHECKING:
     from moalign.config import ModelConfig
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# the dtype the weights are loaded in, per TrainConfig.precision: bf16-mixed loads fp32 weights (the masters the
+# optimizer updates; the engine computes with a bf16 copy, engine/precision.py)
+WEIGHT_DTYPES = {"fp32": torch.float32, "bf16-mixed": torch.float32, "bf16-pure": torch.bfloat16}
 
 
 def _quiet_transformers():
@@ -37,10 +39,11 @@ def _load_hf(name: str, dtype: torch.dtype, revision: str | None):
     return model, tok
 
 
-def load_model(cfg: "ModelConfig"):
-    """Return ``(model, tokenizer)``; the tokenizer has a pad token and a chat template."""
+def load_model(cfg: "ModelConfig", precision: str = "fp32"):
+    """Return ``(model, tokenizer)``, the weights in the dtype ``precision`` keeps them in; the tokenizer has a pad
+    token and a chat template."""
     _quiet_transformers()
-    dtype = DTYPES[cfg.dtype]
+    dtype = WEIGHT_DTYPES[precision]
     if cfg.name == "tiny":
         from moalign.models.tiny import load_tiny
 

@@ -46,7 +46,9 @@ class TRLPlan:
 def plan_trl_run(cfg: TrainConfig, output_dir: Path, num_processes: int, use_cpu: bool) -> TRLPlan:
     """One moalign step = one TRL generation batch of P·n completions, split into ``mini_batches`` optimizer steps
     per PPO epoch (``steps_per_generation``), reused for ``ppo_epochs`` epochs (``num_iterations``); each process
-    runs ``micro_batch_size`` completions per forward (gradient accumulation makes up the rest)."""
+    runs ``micro_batch_size`` completions per forward (gradient accumulation makes up the rest). The precision is
+    accelerate's: ``bf16=True`` autocasts every forward to bf16 over the weights as loaded, fp32 for ``bf16-mixed``
+    (fp32 master weights and optimizer state, as in the native engine), bf16 for ``bf16-pure``; on CPU and GPU."""
     r, lc, o = cfg.rollout, cfg.loss, cfg.optim
     notes: list[str] = []
     if r.group_size < 2:
@@ -67,7 +69,6 @@ def plan_trl_run(cfg: TrainConfig, output_dir: Path, num_processes: int, use_cpu
         notes.append(f"loss.kl_estimator={lc.kl_estimator}: TRL's KL penalty is k3")
     if lc.dual_clip is not None and lc.dual_clip <= 1 + lc.clip_eps_high:
         notes.append(f"loss.dual_clip={lc.dual_clip} ≤ 1 + clip_eps_high: TRL's delta then also clips A > 0")
-    on_gpu = not use_cpu
     arguments = dict(
         output_dir=str(output_dir), max_steps=cfg.steps * optimizer_steps, seed=cfg.seed,
         per_device_train_batch_size=micro, gradient_accumulation_steps=accumulation,
@@ -81,6 +82,6 @@ def plan_trl_run(cfg: TrainConfig, output_dir: Path, num_processes: int, use_cpu
         logging_strategy="steps", logging_steps=optimizer_steps, save_strategy="steps",
         save_steps=(cfg.checkpoint.every or cfg.steps) * optimizer_steps, save_total_limit=cfg.checkpoint.keep,
         report_to="none", disable_tqdm=not cfg.log.progress, activation_checkpointing=False, log_completions=False,
-        use_cpu=use_cpu, bf16=on_gpu and cfg.model.dtype == "bfloat16", fp16=on_gpu and cfg.model.dtype == "float16",
+        use_cpu=use_cpu, bf16=cfg.precision != "fp32", fp16=False,
         dataloader_num_workers=0, remove_unused_columns=False)
     return TRLPlan(arguments, optimizer_steps, notes)

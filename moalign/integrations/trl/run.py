@@ -21,6 +21,7 @@ from moalign.config import TrainConfig
 from moalign.engine.evaluation import encode_prompts, eval_change_table, evaluate_split
 from moalign.engine.memory import trim_heap_if_large
 from moalign.engine.metrics import MetricsWriter, read_metrics
+from moalign.engine.precision import warn_if_updates_round_away
 from moalign.engine.rollout import generate
 from moalign.engine.run_dir import prepare_run_dir, print_summary, write_config, write_summary
 from moalign.errors import UserError
@@ -156,6 +157,8 @@ def train_with_trl(cfg: TrainConfig, run_dir: Union[str, Path],
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
     inputs = RunInputs.load(cfg)
+    warn_if_updates_round_away([p for p in inputs.model.parameters() if p.requires_grad], cfg.optim.lr,
+                               cfg.precision)
 
     args = GRPOConfig(**plan.arguments)
     args.distributed_state.wait_for_everyone()  # a launcher's main process may still be preparing run_dir
@@ -212,7 +215,7 @@ class RunInputs:
         splits = dict(load_data(cfg.data).items())
         if not splits["train"]:
             raise UserError("the training split is empty; check data.path / data.num_train")
-        model, tokenizer = load_model(cfg.model)
+        model, tokenizer = load_model(cfg.model, cfg.precision)
         system_prompt = system_prompt_for(cfg.model)
         encode_prompts(tokenizer, "train", splits["train"], cfg.rollout.max_prompt_tokens, system_prompt)  # too long?
         return cls(splits, objectives, prepare_trainable(model, cfg.model), tokenizer, system_prompt)
