@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import csv
 import json
+import os
 import re
 from pathlib import Path
 from typing import Callable
@@ -464,6 +465,24 @@ def test_an_interrupted_study_says_so_in_runs_csv(tmp_path):
     statuses = {n: r["status"] for n, r in runs_csv(out).items()}
     assert statuses == {"tiny__linear__grpo__s0": "done", "tiny__ctwa__grpo__s0": "interrupted",
                         "tiny__linear__grpo__s1": "pending", "tiny__ctwa__grpo__s1": "pending"}
+
+
+def test_jobs_train_runs_in_worker_processes_and_record_them_alike(tmp_path):
+    import study_workers
+
+    config = write_study_file(tmp_path, jobs=2)
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match=r"1 run\(s\) failed: tiny__ctwa__grpo__s1"):
+        runner.run_study(config, out_dir=out, train_fn=study_workers.pretend_to_train)
+    rows = runs_csv(out)
+    assert {n: r["status"] for n, r in rows.items()} == {"tiny__linear__grpo__s0": "done", "tiny__ctwa__grpo__s0": "done",
+                                                         "tiny__linear__grpo__s1": "done",
+                                                         "tiny__ctwa__grpo__s1": "failed"}
+    assert rows["tiny__ctwa__grpo__s1"]["error"] == "boom in a worker"
+    assert "RuntimeError: boom in a worker" in (out / "runs" / "tiny__ctwa__grpo__s1" / "error.txt").read_text()
+    assert all(rows[n]["steps_done"] == "3" for n in rows if rows[n]["status"] == "done")  # steps reported back
+    pids = {json.loads((out / "runs" / n / "worker.json").read_text())["pid"] for n in rows if rows[n]["status"] == "done"}
+    assert len(pids) == 2 and os.getpid() not in pids
 
 
 def test_a_run_dir_from_a_different_config_stops_the_study_before_anything_runs(tmp_path):
