@@ -111,7 +111,7 @@ class EvalConfig(Section):
     mode: Literal["sampled", "greedy", "both"] = Field(
         "sampled", description="sampled: eval.samples completions per prompt, scored per prompt (the held-out "
         "expected reward the interference verdicts use); greedy: one argmax completion per prompt; both")
-    samples: int = Field(8, ge=1, description="sampled mode: completions per prompt")
+    samples: int = Field(4, ge=1, description="sampled mode: completions per prompt")
     temperature: Optional[float] = Field(None, gt=0, description="sampled mode; default: rollout.temperature")
 
 
