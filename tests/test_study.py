@@ -135,18 +135,24 @@ def test_presets_validate_in_a_dry_run_without_loading_models(preset, tmp_path, 
     assert runner.run_study(preset, out_dir=out, dry_run=True, overrides=overrides) == out
     assert not out.exists()  # a dry run writes nothing
     printed = capsys.readouterr().out
-    _, _, runs = grid.load_study(preset, out, overrides)
+    spec, _, runs = grid.load_study(preset, out, overrides)
     assert f"{len(runs)} runs" in printed
     if preset == "quick":
         from moalign.weighting import WEIGHTINGS
 
         assert {r.config.weighting.name for r in runs} == set(WEIGHTINGS.names())
-        assert len(runs) == 2 * len(WEIGHTINGS.names())
+        assert len(runs) == 5 * len(WEIGHTINGS.names())
+        # the design of the power computation (docs/reproducing.md), two runs at a time
+        cfg = runs[0].config
+        assert (cfg.steps, cfg.eval.num_prompts, cfg.eval.samples, cfg.data.num_val, cfg.data.num_test) == (
+            100, 48, 4, 48, 48)
+        assert cfg.eval.mode == "both" and cfg.threads == 1 and spec.jobs == 2
     if preset == "paper":
         assert "train 300, val 100, test 100" in printed
         cfg = runs[0].config
         assert (cfg.rollout.prompts_per_step, cfg.rollout.group_size, cfg.rollout.max_new_tokens, cfg.optim.lr,
                 cfg.optim.mini_batches, cfg.eval.every, cfg.steps) == (32, 16, 1024, 1e-6, 2, 5, 810)
+        assert (cfg.eval.mode, cfg.eval.samples) == ("both", 4)  # the paper's greedy tables and expected rewards
         for r in runs:
             eps = 100 if r.config.estimator.name == "reinforce_pp" else 0.2
             assert r.config.loss.clip_eps_low == r.config.loss.clip_eps_high == eps
