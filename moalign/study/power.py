@@ -16,7 +16,6 @@ model.
 from __future__ import annotations
 
 import argparse
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
