@@ -123,6 +123,11 @@ class EvalConfig(Section):
     num_prompts: Optional[int] = Field(16, ge=1, description="evaluation prompts per split (None: whole split)")
     max_new_tokens: Optional[int] = Field(None, ge=1, description="default: rollout.max_new_tokens")
     test_at_end: bool = True
+    mode: Literal["sampled", "greedy", "both"] = Field(
+        "sampled", description="sampled: eval.samples completions per prompt, scored per prompt (the held-out "
+        "expected reward the interference verdicts use); greedy: one argmax completion per prompt; both")
+    samples: int = Field(4, ge=1, description="sampled mode: completions per prompt")
+    temperature: Optional[float] = Field(None, gt=0, description="sampled mode; default: rollout.temperature")
 
 
 def _closing_bracket(text: str) -> int:

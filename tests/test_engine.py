@@ -47,9 +47,9 @@ def test_end_to_end_ctwa_run_directory(tmp_path):
                     "time/sample_s", "time/post_logprobs_s", "train/length/mean", "perf/peak_rss_gb"):
             assert math.isfinite(line[key]), key
         assert 0.1 < line["perf/peak_rss_gb"] < 24  # this process's high-water mark, in GB
-    assert len(lines[0]["eval/val/accuracy/per_prompt"]) == 4
-    assert set(summary["eval"]) == {"val", "test"}
-    for row in summary["eval"]["val"].values():
+    assert len(lines[0]["eval/val/sampled/accuracy/per_prompt"]) == 4
+    assert set(summary["eval"]) == {"val", "test"} and set(summary["eval"]["val"]) == {"sampled"}
+    for row in summary["eval"]["val"]["sampled"].values():
         assert row["change"] == pytest.approx(row["end"] - row["start"])
 
 

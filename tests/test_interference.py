@@ -15,7 +15,7 @@ from moalign.diagnostics.interference import (
     IntervalSettings,
     ObjectiveChange,
     area_under_degradation,
-    bootstrap_changes,
+    bootstrap_best_change,
     curve_means,
     format_interference_table,
     hypervolume,
@@ -26,6 +26,7 @@ from moalign.diagnostics.interference import (
 )
 from moalign.diagnostics.runs import choose_split, load_run, read_metrics
 from moalign.errors import UserError
+from scipy import stats
 
 SETTINGS = IntervalSettings()
 T_975_DF2 = 4.302653  # Student t quantile 0.975 with 2 degrees of freedom (printed tables)
@@ -35,9 +36,9 @@ T_975_DF2 = 4.302653  # Student t quantile 0.975 with 2 degrees of freedom (prin
 START = np.array([1.0] * 25 + [0.0] * 25)
 IMPROVES = np.array([1.0] * 35 + [0.0] * 15)
 DEGRADES = np.array([0.0] * 10 + [1.0] * 15 + [0.0] * 25)
-# The per-prompt differences are 10 ones (or minus ones) among 50: the bootstrap mean is Binomial(50, 0.2)/50, whose
-# normal approximation gives 0.2 ± 1.96 · sqrt(0.2·0.8/50).
-NORMAL_HALF_WIDTH = 1.96 * np.sqrt(0.2 * 0.8 / 50)
+# The per-prompt differences are 10 ones (or minus ones) among 50: mean ±0.2, standard deviation
+# sqrt(10 · 0.8² + 40 · 0.2²) / 7 = sqrt(0.2 · 0.8 · 50 / 49); one run's interval is the paired t over prompts.
+T_HALF_WIDTH = stats.t.ppf(0.975, 49) * np.sqrt(0.2 * 0.8 * 50 / 49) / np.sqrt(50)
 
 
 def curves(*rows: np.ndarray) -> np.ndarray:
@@ -45,13 +46,13 @@ def curves(*rows: np.ndarray) -> np.ndarray:
 
 
 def change_of(objective: str, per_prompt: np.ndarray) -> ObjectiveChange:
-    return ObjectiveChange.from_prompts(objective, per_prompt, SETTINGS)
+    return ObjectiveChange.from_runs(objective, [per_prompt], SETTINGS)
 
 
 # ------------------------------------------------------------------------------------------------ pure metrics
 
 
-def test_change_and_bootstrap_interval_on_paired_prompts():
+def test_change_and_paired_t_interval_over_prompts():
     improves = change_of("accuracy", curves(START, IMPROVES))
     degrades = change_of("conciseness", curves(START, DEGRADES))
     flat = change_of("clarity", curves(START, START))
@@ -60,12 +61,13 @@ def test_change_and_bootstrap_interval_on_paired_prompts():
     assert (degrades.start, degrades.end, degrades.change) == pytest.approx((0.5, 0.3, -0.2))
     assert flat.change == 0.0
 
-    assert improves.change_ci == pytest.approx((0.2 - NORMAL_HALF_WIDTH, 0.2 + NORMAL_HALF_WIDTH), abs=0.03)
-    assert degrades.change_ci == pytest.approx((-0.2 - NORMAL_HALF_WIDTH, -0.2 + NORMAL_HALF_WIDTH), abs=0.03)
+    assert improves.change_ci == pytest.approx((0.2 - T_HALF_WIDTH, 0.2 + T_HALF_WIDTH))
+    assert degrades.change_ci == pytest.approx((-0.2 - T_HALF_WIDTH, -0.2 + T_HALF_WIDTH))
     assert improves.change_ci[0] > 0 and degrades.change_ci[1] < 0
-    assert flat.change_ci == (0.0, 0.0)  # every resample has identical start and end
+    assert flat.change_ci == (0.0, 0.0)  # every prompt has identical start and end
 
     assert [c.degrades for c in (improves, degrades, flat)] == [False, True, False]
+    assert [c.rises for c in (improves, degrades, flat)] == [True, False, False]
 
 
 def test_pairing_matters():
@@ -76,20 +78,19 @@ def test_pairing_matters():
     assert unpaired[1] - unpaired[0] > paired[1] - paired[0]
 
 
-def test_bootstrap_is_exact_for_constant_shifts_and_best_is_the_peak():
+def test_intervals_are_exact_for_constant_shifts_and_best_is_the_peak():
     start = np.random.default_rng(0).uniform(size=40)
     per_prompt = curves(start, start + 0.3, start + 0.1)  # peak in the middle, ends +0.1 above the start
-    change_ci, best_change_ci = bootstrap_changes(per_prompt, SETTINGS)
-    assert change_ci == pytest.approx((0.1, 0.1))
-    assert best_change_ci == pytest.approx((0.3, 0.3))
+    assert bootstrap_best_change(per_prompt, SETTINGS) == pytest.approx((0.3, 0.3))
     change = change_of("a", per_prompt)
     assert (change.change, change.best_change) == pytest.approx((0.1, 0.3))
+    assert change.change_ci == pytest.approx((0.1, 0.1)) and change.best_change_ci == pytest.approx((0.3, 0.3))
 
 
 def test_bootstrap_is_seeded():
     per_prompt = np.random.default_rng(0).uniform(size=(2, 30))  # continuous scores: quantiles move with the draw
-    assert bootstrap_changes(per_prompt, SETTINGS) == bootstrap_changes(per_prompt, SETTINGS)
-    assert bootstrap_changes(per_prompt, IntervalSettings(seed=1)) != bootstrap_changes(per_prompt, SETTINGS)
+    assert bootstrap_best_change(per_prompt, SETTINGS) == bootstrap_best_change(per_prompt, SETTINGS)
+    assert bootstrap_best_change(per_prompt, IntervalSettings(seed=1)) != bootstrap_best_change(per_prompt, SETTINGS)
 
 
 def test_missing_prompt_scores_are_left_out():
@@ -127,23 +128,31 @@ def test_t_interval_hand_case():
         t_interval(np.array([0.1]), 0.95)
 
 
-def report(score: Optional[float], *changes: ObjectiveChange) -> InterferenceReport:
-    return InterferenceReport("val", list(changes), score, "test", 0.95)
+def report(score_end: np.ndarray, *changes: ObjectiveChange, train_gain: Optional[float] = 0.4) -> InterferenceReport:
+    """A report whose fixed-scalarization score moves from START to ``score_end`` on the 50 prompts."""
+    score = change_of("score", curves(START, score_end))
+    weights = {c.objective: 1.0 / len(changes) for c in changes}
+    return InterferenceReport("val", "sampled", list(changes), score, weights, train_gain, 1, 0.95)
 
 
-def test_interference_event():
+def test_interference_needs_a_rising_fixed_score_and_a_degrading_objective():
     improves = change_of("accuracy", curves(START, IMPROVES))
     degrades = change_of("conciseness", curves(START, DEGRADES))
     flat = change_of("clarity", curves(START, START))
 
-    rising = report(0.4, improves, degrades, flat)
+    rising = report(IMPROVES, improves, degrades, flat)
     assert rising.interference is True and rising.degraded_objectives == ["conciseness"]
+    assert rising.verdict == "interference" and rising.improved_objectives == ["accuracy"]
     assert (rising.worst.objective, rising.worst.change) == ("conciseness", pytest.approx(-0.2))
     assert rising.hypervolume == 0.0
-    assert report(0.4, improves, flat).interference is False  # nothing degrades
-    assert report(-0.1, improves, degrades).interference is False  # the training score did not rise
-    assert report(0.0, improves, degrades).interference is False
-    assert report(None, improves, degrades).interference is None  # no training score logged
+    nothing_degrades = report(IMPROVES, improves, flat)
+    assert nothing_degrades.interference is False and nothing_degrades.verdict == "improvement"
+    # the fixed score does not rise: no interference, whatever the training score did
+    flat_score = report(START, improves, degrades, train_gain=0.9)
+    assert flat_score.interference is False and flat_score.verdict == "degradation"
+    assert report(DEGRADES, improves, degrades).verdict == "degradation"
+    assert report(START, flat).verdict == "no effect detected"
+    assert report(DEGRADES, flat).verdict == "degradation"  # the score itself falls
 
 
 # ------------------------------------------------------------------------------------------------ run directories
@@ -151,11 +160,13 @@ def test_interference_event():
 OBJECTIVES = ["accuracy", "conciseness", "clarity"]
 
 
-def eval_line(step: int, split: str, per_prompt: dict[str, np.ndarray]) -> dict:
+def eval_line(step: int, split: str, per_prompt: dict[str, np.ndarray], mode: Optional[str] = "sampled") -> dict:
+    """An evaluation line as the engine writes it (``mode=None``: keys without a mode, read as greedy)."""
     line: dict = {"step": step}
+    prefix = f"eval/{split}" if mode is None else f"eval/{split}/{mode}"
     for objective, scores in per_prompt.items():
-        line[f"eval/{split}/{objective}/mean"] = float(np.mean(scores))
-        line[f"eval/{split}/{objective}/per_prompt"] = [float(s) for s in scores]
+        line[f"{prefix}/{objective}/mean"] = float(np.mean(scores))
+        line[f"{prefix}/{objective}/per_prompt"] = [float(s) for s in scores]
     return line
 
 
@@ -175,9 +186,13 @@ def train_lines(scores: list[float]) -> list[dict]:
             for step, s in enumerate(scores)]
 
 
+LAMBDA0 = {"scalarization/accuracy": 0.8, "scalarization/conciseness": 0.1, "scalarization/clarity": 0.1}
+
+
 def standard_run(run_dir: Path, torn: bool = False) -> Path:
-    """Score rises 0.2 -> 0.8; val at steps 0, 5, 9 (accuracy up, conciseness down, clarity flat); test at 0 and 9."""
-    val = [eval_line(0, "val", {"accuracy": START, "conciseness": START, "clarity": START}),
+    """Training score 0.2 -> 0.8; fixed scalarization λ0 = (0.8, 0.1, 0.1); val at steps 0, 5, 9 (accuracy up,
+    conciseness down, clarity flat); test at 0 and 9."""
+    val = [eval_line(0, "val", {"accuracy": START, "conciseness": START, "clarity": START}) | LAMBDA0,
            eval_line(5, "val", {"accuracy": START, "conciseness": DEGRADES, "clarity": START}),
            eval_line(9, "val", {"accuracy": IMPROVES, "conciseness": DEGRADES, "clarity": START})]
     test = [eval_line(0, "test", {o: np.array([0.5, 0.5]) for o in OBJECTIVES}),
@@ -193,6 +208,36 @@ def test_reading_a_run_directory_with_a_torn_last_line(tmp_path):
     np.testing.assert_array_equal(val.steps, [0, 5, 9])
     np.testing.assert_array_equal(val.per_prompt["conciseness"], curves(START, DEGRADES, DEGRADES))
     np.testing.assert_array_equal(run.evaluations_for("test").steps, [0, 9])
+    assert run.mode == "sampled" and run.scalarization == {"accuracy": 0.8, "conciseness": 0.1, "clarity": 0.1}
+
+
+def test_keys_without_a_mode_are_greedy_and_sampled_evaluations_are_preferred(tmp_path):
+    greedy_only = [eval_line(step, "val", {o: START for o in OBJECTIVES}, mode=None) for step in (0, 9)]
+    run = load_run(write_run(tmp_path / "greedy", greedy_only))
+    assert run.mode == "greedy" and set(run.evaluations_by_mode) == {"greedy"}
+    assert run.scalarization == pytest.approx({o: 1 / 3 for o in OBJECTIVES})  # no λ0 logged: uniform
+
+    both = [eval_line(s, "val", {o: START for o in OBJECTIVES}, mode="greedy")
+            | eval_line(s, "val", {o: (IMPROVES if s else START) for o in OBJECTIVES}) for s in (0, 9)]
+    run = load_run(write_run(tmp_path / "both", both))
+    assert run.mode == "sampled" and set(run.evaluations_by_mode) == {"sampled", "greedy"}
+    summary = interference_summary(tmp_path / "both")
+    assert summary["mode"] == "sampled" and summary["objectives"]["accuracy"]["change"] == pytest.approx(0.2)
+
+
+def test_per_completion_rewards_are_read_as_a_table(tmp_path):
+    lines = []
+    for step, rewards in ((0, [[1, 0, 0], [1, 1, None]]), (9, [[1, 1, 0], [0, 1, 1]])):
+        line = eval_line(step, "val", {"accuracy": np.array([np.mean([r for r in row if r is not None])
+                                                             for row in rewards])})
+        line["eval/val/sampled/accuracy/per_sample"] = rewards
+        lines.append(line)
+    run = load_run(write_run(tmp_path / "run", lines, objectives=["accuracy"]))
+    table = run.evaluations["val"].per_sample["accuracy"]
+    assert table.shape == (2, 2, 3) and np.isnan(table[0, 1, 2]) and table[1, 1].tolist() == [0, 1, 1]
+    ragged = [line | {"eval/val/sampled/accuracy/per_sample": [[1, 0], [1]]} for line in lines]
+    with pytest.raises(UserError, match="numbers of completions"):
+        load_run(write_run(tmp_path / "ragged", ragged, objectives=["accuracy"]))
 
 
 def test_lines_of_one_step_are_merged_later_keys_winning(tmp_path):
@@ -204,8 +249,11 @@ def test_lines_of_one_step_are_merged_later_keys_winning(tmp_path):
 def test_summary_of_a_run(tmp_path):
     summary = interference_summary(standard_run(tmp_path / "run"), split="val")
     json.dumps(summary)  # must be JSON-ready for summary.json
-    assert summary["split"] == "val" and summary["score_gain"] == pytest.approx(0.6)
+    assert summary["split"] == "val" and summary["train_score_gain"] == pytest.approx(0.6)
+    # the fixed score: 10 prompts gain 0.8 (accuracy), 10 lose 0.1 (conciseness)
+    assert summary["score_change"] == pytest.approx(0.8 * 0.2 - 0.1 * 0.2) and summary["score_rises"] is True
     assert summary["interference"] is True and summary["degraded_objectives"] == ["conciseness"]
+    assert summary["verdict"] == "interference"
     assert (summary["worst_objective"], summary["worst_change"]) == ("conciseness", pytest.approx(-0.2))
     conciseness = summary["objectives"]["conciseness"]
     assert conciseness["area_under_degradation"] == pytest.approx(0.2 + 0.2)
@@ -231,39 +279,47 @@ def test_split_is_test_only_when_evaluated_at_start_and_end(tmp_path):
 
 def seed_run(run_dir: Path, seed: int, accuracy_gain: float, clarity_gain: float, **config) -> Path:
     """Constant per-prompt shifts, so each seed's change is exact."""
-    start = np.full(8, 0.5)
-    lines = [eval_line(0, "val", {"accuracy": start, "conciseness": start, "clarity": start}),
-             eval_line(10, "val", {"accuracy": start + accuracy_gain, "conciseness": start,
-                                   "clarity": start + clarity_gain})]
+    low, half = np.full(8, 0.2), np.full(8, 0.5)
+    lines = [eval_line(0, "val", {"accuracy": low, "conciseness": half, "clarity": half}),
+             eval_line(10, "val", {"accuracy": low + accuracy_gain, "conciseness": half,
+                                   "clarity": half + clarity_gain})]
     return write_run(run_dir, train_lines([0.1] * 10 + [0.5] * 10) + lines, seed=seed, **config)
 
 
-def test_seeds_of_one_configuration_share_a_row_with_a_t_interval(tmp_path):
+def test_seeds_of_one_configuration_share_a_row_with_an_interval_over_seeds(tmp_path):
     dirs = [seed_run(tmp_path / f"linear-s{seed}", seed, gain, clarity_gain, output_dir=str(tmp_path / str(seed)))
-            for seed, gain, clarity_gain in ((1, 0.1, -0.3), (2, 0.2, -0.2), (3, 0.3, -0.25))]
+            for seed, gain, clarity_gain in ((1, 0.5, -0.3), (2, 0.6, -0.2), (3, 0.7, -0.25))]
     other = seed_run(tmp_path / "ctwa", 1, 0.1, 0.0, weighting="ctwa")
     rows = interference_table(dirs + [other, dirs[0]])  # dirs[0] twice: still three seeds
 
     assert [row["name"] for row in rows] == ["linear-s*", "ctwa"]
     linear = rows[0]
-    assert [r["seed"] for r in linear["runs"]] == [1, 2, 3] and linear["ci_method"] == "t-interval over 3 seeds"
+    assert [r["seed"] for r in linear["runs"]] == [1, 2, 3]
+    assert linear["ci_method"] == "crossed seeds × prompts (3 × 8), Satterthwaite t"
+    # every prompt of a seed moved alike: no prompt variance, and the interval is Student's t over the 3 seeds
     accuracy = linear["objectives"]["accuracy"]
     half_width = T_975_DF2 * 0.1 / np.sqrt(3)
-    assert accuracy["change"] == pytest.approx(0.2)
-    assert accuracy["change_ci"] == pytest.approx([0.2 - half_width, 0.2 + half_width])
-    assert accuracy["degrades"] is False  # mean +0.2, but three seeds cannot exclude zero
+    assert accuracy["change"] == pytest.approx(0.6)
+    assert accuracy["change_ci"] == pytest.approx([0.6 - half_width, 0.6 + half_width])
     clarity = linear["objectives"]["clarity"]
     half_width = T_975_DF2 * 0.05 / np.sqrt(3)  # s of (−0.3, −0.2, −0.25) is 0.05
     assert clarity["change_ci"] == pytest.approx([-0.25 - half_width, -0.25 + half_width])
-    assert clarity["degrades"] is True and linear["interference"] is True
-    assert linear["score_gain"] == pytest.approx(0.4)
+    assert clarity["degrades"] is True
+    # uniform λ0 (none logged): the score moves by (0.5 − 0.3)/3, (0.6 − 0.2)/3, (0.7 − 0.25)/3
+    score_changes = np.array([0.2, 0.4, 0.45]) / 3
+    half_width = T_975_DF2 * score_changes.std(ddof=1) / np.sqrt(3)
+    assert linear["score_change_ci"] == pytest.approx([score_changes.mean() - half_width,
+                                                       score_changes.mean() + half_width])
+    assert linear["score_rises"] is True and linear["interference"] is True
+    assert linear["train_score_gain"] == pytest.approx(0.4)
 
     ctwa = rows[1]
-    assert ctwa["ci_method"].startswith("paired bootstrap over 8 prompts") and ctwa["interference"] is False
+    assert ctwa["ci_method"] == "paired t over 8 prompts (one run)" and ctwa["interference"] is False
+    assert ctwa["verdict"] == "improvement"  # accuracy +0.1 on every prompt
     assert ctwa["hypervolume"] == 0.0  # conciseness and clarity unchanged
 
     text = format_interference_table(rows)
-    for expected in ("linear-s*", "ctwa", "1,2,3", "clarity", "yes", "-0.250"):
+    for expected in ("linear-s*", "ctwa", "1,2,3", "clarity", "interference", "improvement", "-0.250", "score"):
         assert expected in text
 
 
@@ -273,7 +329,7 @@ def test_user_errors(tmp_path):
     with pytest.raises(UserError, match="no evaluation lines"):
         load_run(write_run(tmp_path / "no_eval", train_lines([0.1, 0.2])))
     missing_clarity = [eval_line(s, "val", {"accuracy": START, "conciseness": START}) for s in (0, 9)]
-    with pytest.raises(UserError, match="eval/val/clarity/per_prompt"):
+    with pytest.raises(UserError, match="eval/val/sampled/clarity/per_prompt"):
         load_run(write_run(tmp_path / "missing", missing_clarity))
     resized = [eval_line(0, "val", {o: START for o in OBJECTIVES}), eval_line(9, "val", {o: START[:10] for o in OBJECTIVES})]
     with pytest.raises(UserError, match="same non-empty prompt set"):

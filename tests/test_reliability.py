@@ -363,7 +363,8 @@ def test_objectives_that_raise_return_nan_or_text_or_hang_become_missing_rewards
     start, step, end = read_metrics(trainer.run_dir / "metrics.jsonl")
     for name in [*bad, "hangs"]:
         assert step[f"train/{name}/missing"] == BATCH and step[f"train/{name}/mean"] is None
-        assert start[f"eval/val/{name}/missing"] == end[f"eval/val/{name}/missing"] == EVAL_PROMPTS
+        assert (start[f"eval/val/sampled/{name}/missing"] == end[f"eval/val/sampled/{name}/missing"]
+                == EVAL_PROMPTS * TrainConfig().eval.samples)  # every completion of every prompt
     assert step["train/accuracy/missing"] == 0
     assert step["train/missing_rewards"] == 4 * BATCH
     assert step["train/first_reward_error"] == "raises: ValueError: this objective always fails"

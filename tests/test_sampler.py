@@ -188,6 +188,37 @@ def test_same_seed_same_samples_other_seed_other_samples(llama, tokenizer):
     assert not torch.equal(first.response_ids, other.response_ids)
 
 
+def test_given_uniforms_fix_each_completion_whatever_the_batch(llama, tokenizer):
+    """With ``uniforms`` a completion's tokens depend on its own row of draws only: alone or among other prompts (that
+    finish at other steps, so rows move in the cache), in chunks or not, and with the global RNG anywhere."""
+    prompts = random_prompts(6, seed=4)
+    uniforms = torch.rand((6, MAX_NEW), generator=torch.Generator().manual_seed(3))
+    index = list(range(6))
+    together = fast_generate(llama, tokenizer, prompts, index, index, MAX_NEW, uniforms=uniforms, pack_weights=False)
+    assert together.response_mask.sum(1).unique().numel() > 1  # the completions end at different steps
+    torch.manual_seed(123)
+    chunked = fast_generate(llama, tokenizer, prompts, index, index, MAX_NEW, uniforms=uniforms, batch_size=4,
+                            pack_weights=False)
+    assert torch.equal(together.response_ids, chunked.response_ids)
+    for i in (1, 4):
+        alone = fast_generate(llama, tokenizer, [prompts[i]], [0], [0], MAX_NEW, uniforms=uniforms[i:i + 1],
+                              pack_weights=False)
+        width = alone.response_ids.shape[1]
+        assert torch.equal(alone.response_ids[0], together.response_ids[i, :width])
+    other = fast_generate(llama, tokenizer, prompts, index, index, MAX_NEW, uniforms=1 - uniforms, pack_weights=False)
+    assert not torch.equal(other.response_ids, together.response_ids)
+    with pytest.raises(UserError, match="uniforms has shape"):
+        fast_generate(llama, tokenizer, prompts, index, index, MAX_NEW, uniforms=uniforms[:, :3])
+
+
+def test_given_uniforms_are_the_inverse_cdf_draws():
+    """u picks the first token whose cumulative probability exceeds it (tokens 0.2 | 0.5 | 0.3)."""
+    logits = torch.tensor([0.2, 0.5, 0.3]).log().repeat(4, 1)
+    index, logprobs = sample_from_logits(logits.clone(), torch.tensor([0.1, 0.25, 0.69, 0.71]))
+    assert index.tolist() == [0, 1, 1, 2]
+    assert torch.allclose(logprobs.exp(), torch.tensor([0.2, 0.5, 0.5, 0.3]))
+
+
 def total_variation(counts: torch.Tensor, probs: torch.Tensor) -> float:
     return 0.5 * float((counts / counts.sum() - probs).abs().sum())
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import csv
 import json
+import os
 import re
 from pathlib import Path
 from typing import Callable
@@ -18,6 +19,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from scipy import stats
 
 from moalign.config import TrainConfig, dump_config
 from moalign.errors import UserError
@@ -133,18 +135,24 @@ def test_presets_validate_in_a_dry_run_without_loading_models(preset, tmp_path, 
     assert runner.run_study(preset, out_dir=out, dry_run=True, overrides=overrides) == out
     assert not out.exists()  # a dry run writes nothing
     printed = capsys.readouterr().out
-    _, _, runs = grid.load_study(preset, out, overrides)
+    spec, _, runs = grid.load_study(preset, out, overrides)
     assert f"{len(runs)} runs" in printed
     if preset == "quick":
         from moalign.weighting import WEIGHTINGS
 
         assert {r.config.weighting.name for r in runs} == set(WEIGHTINGS.names())
-        assert len(runs) == 2 * len(WEIGHTINGS.names())
+        assert len(runs) == 5 * len(WEIGHTINGS.names())
+        # the design of the power computation (docs/reproducing.md), two runs at a time
+        cfg = runs[0].config
+        assert (cfg.steps, cfg.eval.num_prompts, cfg.eval.samples, cfg.data.num_val, cfg.data.num_test) == (
+            100, 48, 4, 48, 48)
+        assert cfg.eval.mode == "both" and cfg.threads == 1 and spec.jobs == 2
     if preset == "paper":
         assert "train 300, val 100, test 100" in printed
         cfg = runs[0].config
         assert (cfg.rollout.prompts_per_step, cfg.rollout.group_size, cfg.rollout.max_new_tokens, cfg.optim.lr,
                 cfg.optim.mini_batches, cfg.eval.every, cfg.steps) == (32, 16, 1024, 1e-6, 2, 5, 810)
+        assert (cfg.eval.mode, cfg.eval.samples) == ("both", 4)  # the paper's greedy tables and expected rewards
         for r in runs:
             eps = 100 if r.config.estimator.name == "reinforce_pp" else 0.2
             assert r.config.loss.clip_eps_low == r.config.loss.clip_eps_high == eps
@@ -200,8 +208,8 @@ def write_run(run_dir: Path, cfg: TrainConfig, curves: dict[str, tuple[np.ndarra
         record = {"step": step}
         for split in ("val", "test") if step in (0, steps) else ("val",):
             for o in curves:
-                record[f"eval/{split}/{o}/mean"] = float(per_eval[o][t].mean())
-                record[f"eval/{split}/{o}/per_prompt"] = per_eval[o][t].tolist()
+                record[f"eval/{split}/sampled/{o}/mean"] = float(per_eval[o][t].mean())
+                record[f"eval/{split}/sampled/{o}/per_prompt"] = per_eval[o][t].tolist()
         lines.append(record)
     for step in range(1, steps + 1):
         record = {"step": step, "train/score/mean": score_gain * step / steps, "perf/step_s": step_s,
@@ -221,18 +229,19 @@ def write_run(run_dir: Path, cfg: TrainConfig, curves: dict[str, tuple[np.ndarra
 N = 20  # evaluation prompts
 ZEROS, ONES = np.zeros(N), np.ones(N)
 HALF = np.array([1.0] * 10 + [0.0] * 10)
-# linear: accuracy 0.5 -> 0.8 (6 prompts solved), clarity 0.5 -> 0.1 (8 prompts lost); conciseness flat at 0.5.
-# ctwa: accuracy 0.5 -> 0.9, clarity 0.5 -> 0.6, conciseness 0.5 -> 0.6: dominates linear, nothing degrades.
-LINEAR = {"accuracy": (HALF, np.array([1.0] * 16 + [0.0] * 4)), "conciseness": (HALF, HALF),
-          "clarity": (HALF, np.array([1.0] * 2 + [0.0] * 18))}
-CTWA = {"accuracy": (HALF, np.array([1.0] * 18 + [0.0] * 2)), "conciseness": (HALF, np.array([1.0] * 12 + [0.0] * 8)),
+# linear: accuracy 0.5 -> 1.0 (prompts 10–19 solved), conciseness 0.5 -> 0.8 (prompts 10–15), clarity 0.5 -> 0.3
+# (prompts 0–3 lost); the uniform fixed scalarization rises by (0.5 + 0.3 − 0.2)/3 = 0.2: interference.
+# ctwa: accuracy 0.5 -> 1.0, conciseness 0.5 -> 0.8, clarity 0.5 -> 0.6: dominates linear, nothing degrades.
+LINEAR = {"accuracy": (HALF, ONES), "conciseness": (HALF, np.array([1.0] * 16 + [0.0] * 4)),
+          "clarity": (HALF, np.array([0.0] * 4 + [1.0] * 6 + [0.0] * 10))}
+CTWA = {"accuracy": (HALF, ONES), "conciseness": (HALF, np.array([1.0] * 16 + [0.0] * 4)),
         "clarity": (HALF, np.array([1.0] * 12 + [0.0] * 8))}
 
 
 @pytest.fixture
 def study_dir(tmp_path) -> Path:
-    """Two algorithms × two seeds, identical seeds (so the t-intervals collapse to the point), plus one run that
-    never finished."""
+    """Two algorithms × two seeds, identical seeds (so the intervals are the paired t over the prompts), plus one
+    run that never finished."""
     root = tmp_path / "study"
     for seed in (0, 1):
         write_run(root / "runs" / f"tiny__linear__grpo__s{seed}", tiny_config("linear", seed), LINEAR, step_s=1.0)
@@ -250,9 +259,10 @@ def test_results_table_has_one_row_per_run_split_step_and_objective(study_dir):
     # per run: val at steps 0, 2, 4 and test at 0, 4 -> 5 evaluations × 3 objectives
     assert len(table) == 4 * 5 * 3
     row = table[(table.run == "tiny__linear__grpo__s1") & (table.split == "test") & (table.objective == "clarity")]
-    assert row.step.tolist() == [0, 4] and row.value.tolist() == pytest.approx([0.5, 0.1])
+    assert row.step.tolist() == [0, 4] and row.value.tolist() == pytest.approx([0.5, 0.3])
     middle = table[(table.run == "tiny__linear__grpo__s0") & (table.step == 2) & (table.objective == "accuracy")]
-    assert middle.split.tolist() == ["val"] and middle.value.tolist() == pytest.approx([0.65])  # 3 of 6 solved
+    assert middle.split.tolist() == ["val"] and middle.value.tolist() == pytest.approx([0.75])  # 5 of 10 solved
+    assert set(table["mode"]) == {"sampled"}
     assert set(table.algorithm) == {"linear", "ctwa"} and set(table.seed) == {0, 1}
     assert set(table.study) == {"synthetic"} and set(table.objective_set) == {"accuracy+conciseness+clarity"}
 
@@ -262,23 +272,29 @@ def test_findings_on_hand_built_runs(study_dir):
     assert (f.split, f.selection_split) == ("test", "val")
     by_algorithm = {c.label: c for c in f.configs}
     linear = by_algorithm["linear"].reports["test"]
-    assert [round(ch.change, 6) for ch in linear.changes] == [0.3, 0.0, -0.4]
+    assert [round(ch.change, 6) for ch in linear.changes] == [0.5, 0.3, -0.2]
+    assert linear.score.change == pytest.approx(0.2) and linear.score_rises
     assert linear.degraded_objectives == ["clarity"] and linear.interference is True
     assert by_algorithm["ctwa"].reports["test"].interference is False
+    assert by_algorithm["ctwa"].reports["test"].verdict == "improvement"
     assert findings.interference_rates(f.runs, "test", "algorithm") == {"linear": (2, 2), "ctwa": (0, 2)}
 
     (pareto,) = f.pareto.values()
     assert [c.label for c, on in zip(pareto.configs, pareto.on_front) if on] == ["ctwa"]
-    # ctwa's end (0.9, 0.6, 0.6) dominates linear's, so the set's volume is ctwa's box over the start (0.5, 0.5, 0.5)
-    assert pareto.hypervolume == pytest.approx(0.4 * 0.1 * 0.1)
+    # ctwa's end (1.0, 0.8, 0.6) dominates linear's, so the set's volume is ctwa's box over the start (0.5, 0.5, 0.5)
+    assert pareto.hypervolume == pytest.approx(0.5 * 0.3 * 0.1)
     assert pareto.start == pytest.approx([0.5, 0.5, 0.5])
 
     (finding,) = f.findings()
     assert finding.head.startswith("**tiny** (grpo; objectives accuracy+conciseness+clarity; test split; 2 seed(s)")
     assert [c.split(",")[0] for c in finding.clauses] == ["under linear", "under ctwa"]  # the baseline first
     text = " ".join([*finding.clauses, finding.summary])
-    # identical seeds: the t-interval over seeds has zero width
-    assert "under linear, clarity degrades by 0.400 [CI −0.400, −0.400] while accuracy rises by 0.300" in text
+    # identical seeds: no seed variance; the interval is the paired t over the 20 prompts (4 of them lose 1)
+    clarity = -np.array([1.0] * 4 + [0.0] * 16)
+    ci = stats.ttest_1samp(clarity, 0.0).confidence_interval(0.95)
+    assert (f"under linear, clarity degrades by 0.200 [CI −{-ci.low:.3f}, −{-ci.high:.3f}] while accuracy rises by "
+            f"0.500") in text
+    assert "the λ0-scalarized score rises by 0.200" in text
     assert "interference in 2 of 2 runs, yes with its 2 seeds pooled" in text
     assert "interference in 0 of 2 runs, no with its 2 seeds pooled" in text
     assert "Chosen on val by hypervolume: ctwa" in text
@@ -291,10 +307,11 @@ def test_algorithms_that_move_nothing_share_one_clause(tmp_path):
                   {"accuracy": (HALF, ONES), "clarity": (HALF, HALF)})
     (finding,) = findings.Findings(findings.load_study(tmp_path)).findings()
     assert len(finding.clauses) == 2
-    # one seed: the interval is the bootstrap over the 20 prompts, around the change of 0.5 and away from 0
-    assert re.fullmatch(r"under linear, accuracy rises by 0\.500 \[CI \+0\.[2-4]\d\d, \+0\.[6-8]\d\d\]; "
-                        r"interference in 0 of 1 run", finding.clauses[0])
-    assert finding.clauses[1] == ("under famo, pama, no objective moves clearly (every interval contains 0); "
+    # one seed: the paired t over the 20 prompts, 10 of which gain 1: 0.5 ± t_19 · 0.513/√20
+    assert re.fullmatch(r"under linear, accuracy rises by 0\.500 \[CI \+0\.260, \+0\.740\]; the λ0-scalarized "
+                        r"score rises by 0\.250 \[CI \+0\.130, \+0\.370\]; interference in 0 of 1 run",
+                        finding.clauses[0])
+    assert finding.clauses[1] == ("under famo, pama, no effect detected (every interval contains 0); "
                                   "interference in 0 of 2 runs")
 
 
@@ -360,7 +377,7 @@ def test_report_of_a_single_run(tmp_path):
     html = write_report(tmp_path / "run").read_text()
     assert (tmp_path / "run" / "report" / "report.md").is_file()
     assert "1 run(s) in 1 configuration(s)" in html and len(embedded_pngs(html)) >= 2
-    assert "under linear, clarity degrades by 0.400" in html
+    assert "under linear, clarity degrades by 0.200" in html
 
 
 def test_markdown_tables_escape_pipes():
@@ -458,6 +475,24 @@ def test_an_interrupted_study_says_so_in_runs_csv(tmp_path):
     statuses = {n: r["status"] for n, r in runs_csv(out).items()}
     assert statuses == {"tiny__linear__grpo__s0": "done", "tiny__ctwa__grpo__s0": "interrupted",
                         "tiny__linear__grpo__s1": "pending", "tiny__ctwa__grpo__s1": "pending"}
+
+
+def test_jobs_train_runs_in_worker_processes_and_record_them_alike(tmp_path):
+    import study_workers
+
+    config = write_study_file(tmp_path, jobs=2)
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match=r"1 run\(s\) failed: tiny__ctwa__grpo__s1"):
+        runner.run_study(config, out_dir=out, train_fn=study_workers.pretend_to_train)
+    rows = runs_csv(out)
+    assert {n: r["status"] for n, r in rows.items()} == {"tiny__linear__grpo__s0": "done", "tiny__ctwa__grpo__s0": "done",
+                                                         "tiny__linear__grpo__s1": "done",
+                                                         "tiny__ctwa__grpo__s1": "failed"}
+    assert rows["tiny__ctwa__grpo__s1"]["error"] == "boom in a worker"
+    assert "RuntimeError: boom in a worker" in (out / "runs" / "tiny__ctwa__grpo__s1" / "error.txt").read_text()
+    assert all(rows[n]["steps_done"] == "3" for n in rows if rows[n]["status"] == "done")  # steps reported back
+    pids = {json.loads((out / "runs" / n / "worker.json").read_text())["pid"] for n in rows if rows[n]["status"] == "done"}
+    assert len(pids) == 2 and os.getpid() not in pids
 
 
 def test_a_run_dir_from_a_different_config_stops_the_study_before_anything_runs(tmp_path):

@@ -429,9 +429,12 @@ def test_train_with_trl_writes_the_native_run_directory_and_resumes(model_dir, t
     for line in lines[1:3]:
         for key in ("train/conciseness/mean", "train/vowel_fraction/mean", "weight/conciseness", "perf/step_s"):
             assert key in line, key
-    assert len(lines[0]["eval/val/vowel_fraction/per_prompt"]) == 2
+    assert len(lines[0]["eval/val/sampled/vowel_fraction/per_prompt"]) == 2
+    assert len(lines[0]["eval/val/sampled/vowel_fraction/per_sample"][0]) == cfg.eval.samples
+    assert lines[0]["scalarization/conciseness"] == lines[0]["scalarization/vowel_fraction"] == 0.5  # ctwa's λ0
+    assert summary["eval_cost"]["sampled"]["completions"] == 2 * 2 * cfg.eval.samples  # start and end, 2 prompts
     assert summary["final_weights"] == {k: v for k, v in lines[2].items() if k.startswith("weight/")}
-    assert set(summary["eval"]["val"]) == {"conciseness", "vowel_fraction"}
+    assert set(summary["eval"]["val"]["sampled"]) == {"conciseness", "vowel_fraction"}
     assert json.loads((run / "summary.json").read_text())["engine"] == "trl"
     assert (run / "model" / "config.json").is_file()
 

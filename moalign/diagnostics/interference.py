@@ -1,36 +1,40 @@
 """Cross-objective interference, measured on held-out per-objective curves (METHOD §1).
 
-Training *interferes* when it raises the scalarized training score while at least one objective degrades. The
-objectives are judged on evaluation curves, never on the scalar reward (algorithms scale it differently).
+Training *interferes* when it raises a scalarized score while at least one objective degrades. Both are judged on
+held-out evaluations — the sampled evaluation's expected rewards when the run has them, else greedy scores
+(``diagnostics.runs``) — never on the training score ``train/score/mean``, whose scale moves with the weights
+(CTWA's unnormalised λ, Lagrangian duals, Nash-MTL's α): a training score can rise from weight growth alone.
 
 For one objective evaluated T times, with m_t the mean score over the evaluation prompts at evaluation t:
 
     change                   Δ      = m_{T−1} − m_0
     best change              Δ_best = max_t m_t − m_0
     area under degradation   A      = Σ_t max(0, m_0 − m_t)
-    degrades                 ⇔  the upper end of the 95% confidence interval of Δ is < 0
+    degrades / rises         ⇔  the confidence interval of Δ lies below / above 0
 
-Confidence intervals
-    one run      paired percentile bootstrap over evaluation prompts: draw N prompt indices with replacement
-                 (2000 resamples, seeded) and recompute every m_t on the same draw, so Δ = mean(end_i − start_i)
-                 keeps each prompt's pairing; Δ_best re-selects the best evaluation inside each resample, so its
-                 interval accounts for taking a maximum.
-    seeds        runs whose configs differ only in the seed form one group. The group's values are means over seeds
-                 and the interval is Student's t over the per-seed values, x̄ ± t_{(1+c)/2, S−1}·s/√S. A bootstrap
-                 over 3–5 seeds has too few distinct resamples (10 for S = 3) and covers too little; the t-interval
-                 is exact when seed noise is normal. It covers training randomness on the fixed evaluation set.
+**The fixed scalarization.** "The scalarized score" is the linear scalarization with the weighting's initial
+weights λ0 normalised to sum 1 (``scalarization/<objective>`` in the run's metrics; uniform when absent), scored per
+prompt on the same evaluations, s_i = Σ_j λ0_j · score_ij, the same at every evaluation and for every algorithm
+whose λ0 is the same. Its change has the same interval as an objective's.
 
-For a run (or a group):
+Intervals of Δ (``diagnostics.crossed``, docs/statistics.md): for one run the paired t-interval over prompts (the
+change of that run's policy over the prompt distribution); for the seeds of one configuration the crossed seeds ×
+prompts interval (the change over the prompt distribution and the training randomness). Δ_best's interval: for
+one run a paired percentile bootstrap over prompts that re-selects the best evaluation inside each resample; for
+seeds Student's t over the per-seed best changes.
 
-    score gain    mean of the last k minus mean of the first k logged ``train/score/mean`` values,
-                  k = max(1, ⌊n/10⌋) for n logged steps (10% of training at each end); the score rises iff gain > 0
-    interference  ⇔ the score rises and at least one objective degrades
+For a run (or a group of seeds):
+
+    interference  ⇔ the fixed-scalarization score rises (interval above 0) and at least one objective degrades
+                  (interval below 0). Both parts must be detected: a score whose interval contains 0 has not been
+                  shown to rise.
+    verdict       "interference"; else "degradation" when an objective degrades or the score falls; else
+                  "improvement" when an objective or the score rises; else "no effect detected"
     worst change  min_j Δ_j
-                  (for a group: score gain is the mean over seeds; worst change and hypervolume use the mean points)
-    hypervolume   HV of the final point m_{T−1} with the start point m_0 as reference: the volume of the box between
-                  them, Π_j (end_j − start_j), when the final point improves every objective, and 0 otherwise (a point
-                  that does not dominate the reference encloses no volume). Computed with pymoo, which minimizes, on
-                  negated scores.
+    hypervolume   HV of the final point m_{T−1} with the start point m_0 as reference: Π_j (end_j − start_j) when the
+                  final point improves every objective, else 0. Computed with pymoo, which minimizes, on negated scores.
+    train score gain  mean of the last k minus mean of the first k logged ``train/score/mean``, k = max(1, ⌊n/10⌋):
+                  reported as a training curve's summary, never used in a verdict
 
 Split: test when every run evaluated test at its first and last evaluation step, otherwise val (or the one asked for).
 """
@@ -49,16 +53,19 @@ from rich.console import Console
 from rich.table import Table
 from scipy import stats
 
-from moalign.diagnostics.runs import Run, choose_split, group_by_config, load_run
+from moalign.diagnostics.crossed import ChangeEstimate, change_interval
+from moalign.diagnostics.runs import MODES, Run, choose_split, group_by_config, load_run
 from moalign.errors import UserError
 
 Interval = tuple[float, float]
+SCORE = "score"  # the name of the fixed-scalarization score among the changes
+VERDICTS = ("interference", "degradation", "improvement", "no effect detected")
 
 
 @dataclass(frozen=True)
 class IntervalSettings:
     confidence: float = 0.95
-    n_resamples: int = 2000  # bootstrap resamples over prompts
+    n_resamples: int = 2000  # bootstrap resamples over prompts (Δ_best of one run)
     seed: int = 0  # the bootstrap's random seed: the same inputs always give the same interval
 
 
@@ -95,8 +102,8 @@ def percentile_interval(samples: np.ndarray, confidence: float) -> Interval:
     return float(low), float(high)
 
 
-def bootstrap_changes(per_prompt: np.ndarray, settings: IntervalSettings) -> tuple[Interval, Interval]:
-    """Paired bootstrap over prompts of (Δ, Δ_best) for per-prompt scores [T, N]; percentile intervals."""
+def bootstrap_best_change(per_prompt: np.ndarray, settings: IntervalSettings) -> Interval:
+    """Paired bootstrap over prompts of Δ_best for per-prompt scores [T, N]; percentile interval."""
     num_prompts = per_prompt.shape[1]
     rng = np.random.default_rng(settings.seed)
     # Drawing N prompt indices with replacement is drawing how often each prompt is picked; with the counts as an
@@ -105,9 +112,7 @@ def bootstrap_changes(per_prompt: np.ndarray, settings: IntervalSettings) -> tup
     present = ~np.isnan(per_prompt)
     with np.errstate(invalid="ignore", divide="ignore"):  # a resample of only missing prompts gives NaN, skipped
         means = (counts @ np.where(present, per_prompt, 0.0).T) / (counts @ present.T)  # [R, T]
-    change = means[:, -1] - means[:, 0]
-    best_change = np.nanmax(means, axis=1) - means[:, 0]
-    return percentile_interval(change, settings.confidence), percentile_interval(best_change, settings.confidence)
+    return percentile_interval(np.nanmax(means, axis=1) - means[:, 0], settings.confidence)
 
 
 def t_interval(values: np.ndarray, confidence: float) -> Interval:
@@ -122,19 +127,24 @@ def t_interval(values: np.ndarray, confidence: float) -> Interval:
 
 @dataclass(frozen=True)
 class ObjectiveChange:
-    """How one objective moved between the first and the last evaluation, with confidence intervals."""
+    """How one objective (or the fixed-scalarization score) moved between the first and the last evaluation of one
+    run or of the seeds of one configuration, with confidence intervals."""
 
     objective: str
-    start: float
-    end: float
-    best: float
-    change_ci: Interval
+    start: float  # m_0 (mean over seeds)
+    end: float  # m_{T−1} (mean over seeds)
+    best: float  # max_t m_t (mean over seeds)
+    estimate: ChangeEstimate  # Δ and its interval
     best_change_ci: Interval
-    area_under_degradation: float
+    area_under_degradation: float  # mean over seeds
 
     @property
     def change(self) -> float:
-        return self.end - self.start
+        return self.estimate.mean
+
+    @property
+    def change_ci(self) -> Interval:
+        return self.estimate.interval
 
     @property
     def best_change(self) -> float:
@@ -142,33 +152,35 @@ class ObjectiveChange:
 
     @property
     def degrades(self) -> bool:
-        return self.change_ci[1] < 0
+        return self.estimate.falls
+
+    @property
+    def rises(self) -> bool:
+        return self.estimate.rises
 
     @classmethod
-    def from_prompts(cls, objective: str, per_prompt: np.ndarray, settings: IntervalSettings) -> "ObjectiveChange":
-        """One run: per-prompt scores [T, N] of T ≥ 2 evaluations; intervals from the bootstrap over prompts."""
-        means = curve_means(per_prompt)
-        change_ci, best_change_ci = bootstrap_changes(per_prompt, settings)
-        return cls(objective, float(means[0]), float(means[-1]), float(means.max()), change_ci, best_change_ci,
-                   area_under_degradation(means))
-
-    @classmethod
-    def over_seeds(cls, per_seed: Sequence["ObjectiveChange"], settings: IntervalSettings) -> "ObjectiveChange":
-        """Several seeds of one configuration: means over seeds, t-intervals over the per-seed changes."""
-        def mean_of(attribute: str) -> float:
-            return float(np.mean([getattr(c, attribute) for c in per_seed]))
-
-        def interval_of(attribute: str) -> Interval:
-            return t_interval(np.array([getattr(c, attribute) for c in per_seed]), settings.confidence)
-
-        return cls(per_seed[0].objective, mean_of("start"), mean_of("end"), mean_of("best"), interval_of("change"),
-                   interval_of("best_change"), mean_of("area_under_degradation"))
+    def from_runs(cls, objective: str, per_prompt: Sequence[np.ndarray], settings: IntervalSettings
+                  ) -> "ObjectiveChange":
+        """Per-prompt scores [T_s, N] of each of S runs (T_s ≥ 2 evaluations each, the same N prompts in every run)."""
+        means = [curve_means(p) for p in per_prompt]
+        changes = np.stack([p[-1] - p[0] for p in per_prompt])
+        try:
+            estimate = change_interval(changes, settings.confidence)
+        except ValueError as exc:
+            raise UserError(f"{objective}: {exc}; evaluate more prompts (eval.num_prompts)") from None
+        best_changes = np.array([m.max() - m[0] for m in means])
+        best_ci = (bootstrap_best_change(per_prompt[0], settings) if len(per_prompt) == 1
+                   else t_interval(best_changes, settings.confidence))
+        return cls(objective, float(np.mean([m[0] for m in means])), float(np.mean([m[-1] for m in means])),
+                   float(np.mean([m.max() for m in means])), estimate, best_ci,
+                   float(np.mean([area_under_degradation(m) for m in means])))
 
     def to_dict(self) -> dict[str, Any]:
         return {"start": self.start, "end": self.end, "best": self.best,
-                "change": self.change, "change_ci": list(self.change_ci),
+                "change": self.change, "change_ci": list(self.change_ci), "standard_error": self.estimate.standard_error,
+                "df": self.estimate.df, "prompts": self.estimate.prompts,
                 "best_change": self.best_change, "best_change_ci": list(self.best_change_ci),
-                "area_under_degradation": self.area_under_degradation, "degrades": self.degrades}
+                "area_under_degradation": self.area_under_degradation, "degrades": self.degrades, "rises": self.rises}
 
 
 @dataclass(frozen=True)
@@ -176,23 +188,45 @@ class InterferenceReport:
     """The interference verdict of one run, or of one configuration over several seeds."""
 
     split: str
+    mode: str  # the evaluations' mode: sampled or greedy
     changes: list[ObjectiveChange]
-    score_gain: Optional[float]  # None when the run logged no train/score/mean
-    ci_method: str
+    score: ObjectiveChange  # the fixed-scalarization score (objective name "score")
+    scalarization: dict[str, float]  # λ0 of the score
+    train_score_gain: Optional[float]  # a training curve's summary; None when the run logged no train/score/mean
+    seeds: int
     confidence: float
 
     @property
-    def score_rises(self) -> Optional[bool]:
-        return None if self.score_gain is None else self.score_gain > 0
+    def ci_method(self) -> str:
+        return self.score.estimate.method
+
+    @property
+    def score_rises(self) -> bool:
+        return self.score.rises
 
     @property
     def degraded_objectives(self) -> list[str]:
         return [c.objective for c in self.changes if c.degrades]
 
     @property
-    def interference(self) -> Optional[bool]:
-        """True iff the scalarized training score rises while at least one objective degrades (None: no score)."""
-        return None if self.score_rises is None else self.score_rises and bool(self.degraded_objectives)
+    def improved_objectives(self) -> list[str]:
+        return [c.objective for c in self.changes if c.rises]
+
+    @property
+    def interference(self) -> bool:
+        """True iff the fixed-scalarization score rises while at least one objective degrades (both detected)."""
+        return self.score_rises and bool(self.degraded_objectives)
+
+    @property
+    def verdict(self) -> str:
+        """One of ``VERDICTS`` (see the module docstring)."""
+        if self.interference:
+            return "interference"
+        if self.degraded_objectives or self.score.degrades:
+            return "degradation"
+        if self.improved_objectives or self.score_rises:
+            return "improvement"
+        return "no effect detected"
 
     @property
     def worst(self) -> ObjectiveChange:
@@ -204,9 +238,12 @@ class InterferenceReport:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready; this is what goes into summary.json under "interference"."""
-        return {"split": self.split, "confidence": self.confidence, "ci_method": self.ci_method,
-                "score_gain": self.score_gain, "score_rises": self.score_rises, "interference": self.interference,
-                "degraded_objectives": self.degraded_objectives,
+        return {"split": self.split, "mode": self.mode, "seeds": self.seeds, "confidence": self.confidence,
+                "ci_method": self.ci_method, "verdict": self.verdict, "interference": self.interference,
+                "scalarization": dict(self.scalarization), "score": self.score.to_dict(),
+                "score_change": self.score.change, "score_change_ci": list(self.score.change_ci),
+                "score_rises": self.score_rises, "train_score_gain": self.train_score_gain,
+                "degraded_objectives": self.degraded_objectives, "improved_objectives": self.improved_objectives,
                 "worst_objective": self.worst.objective, "worst_change": self.worst.change,
                 "hypervolume": self.hypervolume,
                 "objectives": {c.objective: c.to_dict() for c in self.changes}}
@@ -217,19 +254,31 @@ class InterferenceReport:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def interference_report(runs: Sequence[Run], split: str, settings: IntervalSettings = IntervalSettings()
-                        ) -> InterferenceReport:
-    """The report of one run (bootstrap over prompts) or of the seeds of one configuration (t over seeds)."""
-    per_run = [[ObjectiveChange.from_prompts(objective, run.evaluations_for(split).per_prompt[objective], settings)
-                for objective in runs[0].objectives] for run in runs]
+def common_mode(runs: Sequence[Run], split: str) -> str:
+    """The mode every run evaluated ``split`` in, sampled first (the verdicts' mode)."""
+    for mode in MODES:
+        if all(split in run.evaluations_by_mode.get(mode, {}) for run in runs):
+            return mode
+    raise UserError(f"runs {', '.join(str(r.path) for r in runs)} share no evaluation mode on the {split!r} split; "
+                    f"compare runs evaluated alike (eval.mode)")
+
+
+def interference_report(runs: Sequence[Run], split: str, settings: IntervalSettings = IntervalSettings(),
+                        mode: Optional[str] = None) -> InterferenceReport:
+    """The report of one run or of the seeds of one configuration, on ``split`` in ``mode`` (default: sampled
+    when every run has it, else greedy)."""
+    mode = mode or common_mode(runs, split)
+    evaluations = [run.evaluations_by_mode[mode][split] for run in runs]
+    for run, e in zip(runs, evaluations):
+        if len(e.steps) < 2:
+            run.evaluations_for(split)  # raises the one-evaluation error
+    changes = [ObjectiveChange.from_runs(objective, [e.per_prompt[objective] for e in evaluations], settings)
+               for objective in runs[0].objectives]
+    weights = runs[0].scalarization
+    score = ObjectiveChange.from_runs(SCORE, [e.scalarized(weights) for e in evaluations], settings)
     gains = [score_gain(run.train_score) if len(run.train_score) else None for run in runs]
     gain = None if None in gains else float(np.mean(gains))
-    if len(runs) == 1:
-        num_prompts = runs[0].evaluations_for(split).per_prompt[runs[0].objectives[0]].shape[1]
-        method = f"paired bootstrap over {num_prompts} prompts ({settings.n_resamples} resamples, seed {settings.seed})"
-        return InterferenceReport(split, per_run[0], gain, method, settings.confidence)
-    changes = [ObjectiveChange.over_seeds(same_objective, settings) for same_objective in zip(*per_run)]
-    return InterferenceReport(split, changes, gain, f"t-interval over {len(runs)} seeds", settings.confidence)
+    return InterferenceReport(split, mode, changes, score, dict(weights), gain, len(runs), settings.confidence)
 
 
 def interference_summary(run_dir: Path | str, split: Optional[str] = None,
@@ -276,25 +325,28 @@ def _group_name(group: Sequence[Run]) -> str:
 
 
 def format_interference_table(rows: Sequence[dict[str, Any]], width: int = 240) -> str:
-    """Rows of ``interference_table`` as plain text: one line per objective, run-level cells on its first line."""
-    table = Table(title="Cross-objective interference (Δ = last − first evaluation)")
+    """Rows of ``interference_table`` as plain text: one line per objective and one for the fixed-scalarization
+    score, run-level cells on the first line."""
+    table = Table(title="Cross-objective interference (Δ = last − first evaluation; score = fixed scalarization λ0)")
     for column in ("run", "seeds", "split", "objective", "start", "end", "Δ end [CI]", "Δ best [CI]",
-                   "area↓", "degrades", "score Δ", "interference", "worst Δ", "HV"):
-        table.add_column(column, justify="left" if column in ("run", "seeds", "split", "objective") else "right",
-                         no_wrap=True)
+                   "area↓", "flag", "verdict", "worst Δ", "HV"):
+        table.add_column(column, justify="left" if column in ("run", "seeds", "split", "objective", "verdict")
+                         else "right", no_wrap=True)
     for row in rows:
-        run_cells = [row["name"], ",".join(str(r["seed"]) for r in row["runs"]), row["split"]]
-        verdict_cells = [_signed(row["score_gain"]), _yes_no(row["interference"]),
-                         f"{_signed(row['worst_change'])} ({row['worst_objective']})", f"{row['hypervolume']:.4f}"]
-        for index, (objective, change) in enumerate(row["objectives"].items()):
+        run_cells = [row["name"], ",".join(str(r["seed"]) for r in row["runs"]), f"{row['split']} {row['mode']}"]
+        verdict_cells = [row["verdict"], f"{_signed(row['worst_change'])} ({row['worst_objective']})",
+                         f"{row['hypervolume']:.4f}"]
+        lines = list(row["objectives"].items()) + [(SCORE, row["score"])]
+        for index, (objective, change) in enumerate(lines):
             first = index == 0
+            flag = "degrades" if change["degrades"] else "rises" if change["rises"] else ""
             table.add_row(*(run_cells if first else [""] * 3), objective,
                           f"{change['start']:.3f}", f"{change['end']:.3f}",
                           _with_interval(change["change"], change["change_ci"]),
                           _with_interval(change["best_change"], change["best_change_ci"]),
-                          f"{change['area_under_degradation']:.3f}", _yes_no(change["degrades"]),
-                          *(verdict_cells if first else [""] * 4),
-                          end_section=index == len(row["objectives"]) - 1)
+                          f"{change['area_under_degradation']:.3f}", flag,
+                          *(verdict_cells if first else [""] * 3),
+                          end_section=index == len(lines) - 1)
     console = Console(file=io.StringIO(), width=width, color_system=None, force_terminal=False)
     console.print(table)
     return console.file.getvalue()
@@ -306,7 +358,3 @@ def _signed(value: Optional[float]) -> str:
 
 def _with_interval(value: float, interval: Sequence[float]) -> str:
     return f"{value:+.3f} [{interval[0]:+.3f}, {interval[1]:+.3f}]"
-
-
-def _yes_no(flag: Optional[bool]) -> str:
-    return "n/a" if flag is None else ("yes" if flag else "no")

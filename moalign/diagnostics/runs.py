@@ -4,11 +4,18 @@ A run directory holds
 
     metrics.jsonl   one JSON object per line, each with an integer ``step``. Training lines carry
                     ``train/score/mean`` (the scalarized training score), ``train/<objective>/mean`` and
-                    ``weight/<objective>``; evaluation lines carry ``eval/<split>/<objective>/mean`` and
-                    ``eval/<split>/<objective>/per_prompt`` (one score per evaluation prompt, in the same prompt
-                    order at every evaluation; ``null``/NaN = a prompt whose scoring failed). Other keys are ignored.
+                    ``weight/<objective>``; evaluation lines carry, per evaluation mode (sampled, greedy),
+                    ``eval/<split>/<mode>/<objective>/per_prompt`` (one score per evaluation prompt, in the same
+                    prompt order at every evaluation; ``null``/NaN = a prompt whose scoring failed) and, sampled,
+                    ``.../per_sample`` (each completion's reward); the start evaluation's line carries the fixed
+                    scalarization ``scalarization/<objective>`` (``engine.evaluation``). Lines written without a mode
+                    in the key (``eval/<split>/<objective>/per_prompt``) are greedy evaluations. Other keys are
+                    ignored.
     config.yaml     the resolved config (``objectives``: list of names, ``seed``, ...)
     summary.json    written by the engine (not read here)
+
+A run's verdicts use its sampled evaluations when it has them (the held-out expected reward), else its greedy ones
+(``Run.evaluations``; every mode is in ``Run.evaluations_by_mode``).
 
 Lines that share a step are merged, later keys winning: an evaluation may be logged on its own line, and a resumed
 run logs again the steps after its checkpoint. A torn last line (a run still writing, or killed mid-write) is skipped;
@@ -19,7 +26,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -31,22 +38,36 @@ from moalign.errors import UserError
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
 SPLITS = ("val", "test")
+MODES = ("sampled", "greedy")  # in order of preference for the verdicts
 TRAIN_SCORE_KEY = "train/score/mean"
+SCALARIZATION_PREFIX = "scalarization/"
 # Config keys that differ between the seeds of one configuration and so are left out when grouping runs.
 RUN_SPECIFIC_CONFIG_KEYS = ("seed", "output_dir", "run_dir", "run_name")
 
 
-def eval_key(split: str, objective: str, field: str) -> str:
+def eval_key(split: str, mode: str, objective: str, field: str) -> str:
+    return f"eval/{split}/{mode}/{objective}/{field}"
+
+
+def _legacy_greedy_key(split: str, objective: str, field: str) -> str:
     return f"eval/{split}/{objective}/{field}"
 
 
 @dataclass(frozen=True)
 class Evaluations:
-    """One split's held-out results: ``per_prompt[objective][t, i]`` is prompt i's score at evaluation ``steps[t]``."""
+    """One split's held-out results in one mode: ``per_prompt[objective][t, i]`` is prompt i's score at evaluation
+    ``steps[t]``; sampled evaluations also hold ``per_sample[objective][t, i, k]``, completion k's reward (completion
+    k of a prompt drew from the same random stream at every evaluation)."""
 
     split: str
     steps: np.ndarray  # [T] int, increasing
     per_prompt: dict[str, np.ndarray]  # objective -> [T, N] float, NaN = missing
+    mode: str = "greedy"
+    per_sample: dict[str, np.ndarray] = field(default_factory=dict)  # objective -> [T, N, K]; empty when greedy
+
+    def scalarized(self, weights: dict[str, float]) -> np.ndarray:
+        """Per-prompt fixed-scalarization scores [T, N]: Σ_j λ_j · per_prompt_j (NaN where any objective is)."""
+        return sum(weight * self.per_prompt[objective] for objective, weight in weights.items())
 
 
 @dataclass(frozen=True)
@@ -55,7 +76,18 @@ class Run:
     config: dict[str, Any]
     objectives: list[str]
     train_score: np.ndarray  # [n] train/score/mean at every logged training step, in step order
-    evaluations: dict[str, Evaluations]  # split -> its evaluations; only splits that were evaluated
+    evaluations_by_mode: dict[str, dict[str, Evaluations]]  # mode -> split -> evaluations (evaluated ones only)
+    scalarization: dict[str, float]  # objective -> λ0 of the fixed scalarization (sums to 1)
+
+    @property
+    def mode(self) -> str:
+        """The evaluation mode of the verdicts: sampled when the run has sampled evaluations, else greedy."""
+        return next(m for m in MODES if m in self.evaluations_by_mode)
+
+    @property
+    def evaluations(self) -> dict[str, Evaluations]:
+        """split -> the evaluations of ``mode``."""
+        return self.evaluations_by_mode[self.mode]
 
     @property
     def seed(self) -> Optional[int]:
@@ -116,12 +148,29 @@ def load_run(run_dir: Path | str) -> Run:
     records = read_metrics(metrics_path)
     config = _read_config(run_dir / CONFIG_FILE)
     objectives = _objective_names(config, records, run_dir)
-    evaluations = {split: e for split in SPLITS if (e := _evaluations(records, objectives, split, run_dir))}
-    if not evaluations:
-        raise UserError(f"run {run_dir} has no evaluation lines (no eval/<split>/<objective>/per_prompt in "
+    by_mode = {}
+    for mode in MODES:
+        evaluations = {split: e for split in SPLITS if (e := _evaluations(records, objectives, split, mode, run_dir))}
+        if evaluations:
+            by_mode[mode] = evaluations
+    if not by_mode:
+        raise UserError(f"run {run_dir} has no evaluation lines (no eval/<split>/<mode>/<objective>/per_prompt in "
                         f"{METRICS_FILE}); train with periodic evaluation enabled")
     train_score = np.array([r[TRAIN_SCORE_KEY] for r in records if TRAIN_SCORE_KEY in r], dtype=float)
-    return Run(run_dir, config, objectives, train_score, evaluations)
+    return Run(run_dir, config, objectives, train_score, by_mode, _scalarization(records, objectives, run_dir))
+
+
+def _scalarization(records: list[dict[str, Any]], objectives: list[str], run_dir: Path) -> dict[str, float]:
+    """λ0 from the first line that logs ``scalarization/<objective>``; uniform weights for a run that logged none."""
+    for record in records:
+        if any(k.startswith(SCALARIZATION_PREFIX) for k in record):
+            try:
+                weights = {o: float(record[SCALARIZATION_PREFIX + o]) for o in objectives}
+            except (KeyError, TypeError, ValueError):
+                raise UserError(f"run {run_dir}: the line of step {record['step']} has scalarization weights but not "
+                                f"a number for every objective ({', '.join(objectives)})") from None
+            return weights
+    return {o: 1.0 / len(objectives) for o in objectives}
 
 
 def choose_split(runs: Sequence[Run], split: Optional[str] = None) -> str:
@@ -165,21 +214,27 @@ def _objective_names(config: dict[str, Any], records: list[dict[str, Any]], run_
         if not names or not all(isinstance(n, str) for n in names):
             raise UserError(f"{run_dir / CONFIG_FILE}: 'objectives' must be a non-empty list of objective names")
         return names
-    seen = {key.split("/")[2] for record in records for key in record
-            if key.startswith("eval/") and key.endswith("/per_prompt") and key.count("/") == 3}
+    seen = {key.split("/")[-2] for record in records for key in record
+            if key.startswith("eval/") and key.endswith("/per_prompt") and key.count("/") in (3, 4)}
     return sorted(seen)
 
 
-def _evaluations(records: list[dict[str, Any]], objectives: list[str], split: str,
+def _evaluations(records: list[dict[str, Any]], objectives: list[str], split: str, mode: str,
                  run_dir: Path) -> Optional[Evaluations]:
-    """The split's evaluations, or None when it was never evaluated. Every evaluation must score every objective."""
-    evaluated = [r for r in records
-                 if any(eval_key(split, o, f) in r for o in objectives for f in ("per_prompt", "mean"))]
+    """The split's evaluations in ``mode``, or None when it was never evaluated so. Every evaluation must score every
+    objective."""
+    def key_of(objective: str, field: str) -> str:
+        key = eval_key(split, mode, objective, field)
+        if mode == "greedy" and not any(key in r for r in records):
+            return _legacy_greedy_key(split, objective, field)
+        return key
+
+    evaluated = [r for r in records if any(key_of(o, f) in r for o in objectives for f in ("per_prompt", "mean"))]
     if not evaluated:
         return None
-    per_prompt = {}
+    per_prompt, per_sample = {}, {}
     for objective in objectives:
-        key = eval_key(split, objective, "per_prompt")
+        key = key_of(objective, "per_prompt")
         rows = []
         for record in evaluated:
             if key not in record:
@@ -191,8 +246,26 @@ def _evaluations(records: list[dict[str, Any]], objectives: list[str], split: st
             raise UserError(f"run {run_dir}: {key} has {sorted({len(r) for r in rows})} prompts across evaluations; "
                             f"every evaluation must score the same non-empty prompt set in the same order")
         per_prompt[objective] = np.array(rows, dtype=float)
+        sample_key = key_of(objective, "per_sample")
+        if all(sample_key in record for record in evaluated):
+            per_sample[objective] = _sample_table(evaluated, sample_key, len(rows[0]), run_dir)
     steps = np.array([r["step"] for r in evaluated], dtype=int)
-    return Evaluations(split, steps, per_prompt)
+    return Evaluations(split, steps, per_prompt, mode, per_sample)
+
+
+def _sample_table(evaluated: list[dict[str, Any]], key: str, prompts: int, run_dir: Path) -> np.ndarray:
+    """Per-completion rewards [T, N, K] of every evaluation; the same N × K shape at every one."""
+    tables = []
+    for record in evaluated:
+        where = f"{run_dir}: {key} at step {record['step']}"
+        value = record[key]
+        if not isinstance(value, list) or len(value) != prompts:
+            raise UserError(f"{where} must be a list of {prompts} per-prompt lists of rewards")
+        tables.append([_scores(row, where) for row in value])
+    if len({len(row) for table in tables for row in table}) != 1:
+        raise UserError(f"run {run_dir}: {key} holds different numbers of completions per prompt; every sampled "
+                        f"evaluation must draw the same number for every prompt")
+    return np.array(tables, dtype=float)
 
 
 def _scores(values: Any, where: str) -> list[float]:

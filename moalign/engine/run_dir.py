@@ -55,23 +55,35 @@ def print_summary(summary: dict, run_dir: Path) -> None:
     from rich.table import Table
 
     console = Console()
-    for split, rows in summary.get("eval", {}).items():
-        table = Table(title=f"held-out {split} split (greedy): per-objective change")
-        for col in ("objective", "start", "end", "change"):
-            table.add_column(col, justify="right" if col != "objective" else "left")
-        for name, r in rows.items():
-            ch = r["change"]
-            color = "green" if ch > 0 else "red" if ch < 0 else "white"
-            table.add_row(name, f"{r['start']:.3f}", f"{r['end']:.3f}", f"[{color}]{ch:+.3f}[/]")
-        console.print(table)
+    interference = summary.get("interference", {})
+    for split, by_mode in summary.get("eval", {}).items():
+        for mode, rows in by_mode.items():
+            with_ci = (interference.get("objectives", {}) if (interference.get("split"), interference.get("mode"))
+                       == (split, mode) else {})
+            table = Table(title=f"held-out {split} split ({mode}): per-objective change")
+            for col in ("objective", "start", "end", "change") + (("95% CI",) if with_ci else ()):
+                table.add_column(col, justify="right" if col != "objective" else "left")
+            for name, r in rows.items():
+                ch = r["change"]
+                color = "green" if ch > 0 else "red" if ch < 0 else "white"
+                ci = [f"[{with_ci[name]['change_ci'][0]:+.3f}, {with_ci[name]['change_ci'][1]:+.3f}]"] \
+                    if name in with_ci else []
+                table.add_row(name, f"{r['start']:.3f}", f"{r['end']:.3f}", f"[{color}]{ch:+.3f}[/]", *ci)
+            console.print(table)
     w = summary.get("final_weights", {})
     if w:
         console.print("final weights: " + ", ".join(f"{k.split('/', 1)[1]}={v:.3f}" for k, v in w.items()))
-    interference = summary.get("interference", {})
-    if interference.get("degraded_objectives") is not None:
+    if interference.get("verdict") is not None:
         degraded = ", ".join(interference["degraded_objectives"]) or "none"
-        console.print(f"degraded objectives (95% CI below 0): {degraded}; interference event: "
-                      f"{interference.get('interference')}", highlight=False)
+        ci = interference["score_change_ci"]
+        console.print(f"verdict ({interference['split']}, {interference['mode']}): {interference['verdict']}; degraded "
+                      f"objectives (CI below 0): {degraded}; fixed-scalarization score change "
+                      f"{interference['score_change']:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]", highlight=False)
+    cost = summary.get("eval_cost") or {}
+    if cost:
+        console.print("held-out evaluation cost: " + "; ".join(
+            f"{mode} {c['seconds']:.1f} s for {c['evaluations']} evaluations ({c['completions']} completions, "
+            f"{c['tokens']} tokens)" for mode, c in cost.items()), highlight=False)
     law = summary.get("law") or {}
     if law.get("law/batch_num_pairs"):
         console.print(f"covariance law: predicted vs next-batch sign agreement {law['law/batch_sign_agreement']:.2f}"

@@ -27,7 +27,9 @@ The same computation as ``model.generate``, minus the work it wastes on a CPU:
 6. **Decode steps without the per-call machinery** (``engine.decode``; Llama, Mistral, Qwen2, Qwen3): the
    model's own layer code called directly, the same logits bit for bit.
 
-Randomness comes from torch's global RNG, so ``torch.manual_seed`` makes a call reproducible.
+Randomness comes from torch's global RNG, so ``torch.manual_seed`` makes a call reproducible; or, with
+``uniforms``, from one given uniform per sequence and position, whatever the batch around it (common random numbers
+for evaluations: ``engine.evaluation``).
 """
 
 from __future__ import annotations
@@ -146,8 +148,10 @@ def nucleus_filter(scaled_logits: torch.Tensor, top_p: float) -> torch.Tensor:
 CDF_BLOCK = 256
 
 
-def sample_from_logits(scaled_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One index per row of softmax(``scaled_logits``) [n, V] and its log-prob, by a two-level inverse CDF.
+def sample_from_logits(scaled_logits: torch.Tensor, uniforms: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One index per row of softmax(``scaled_logits``) [n, V] and its log-prob, by a two-level inverse CDF
+    (``uniforms`` [n] in [0, 1): the draws u/Σ_j s_j to use; default: fresh ones from torch's global RNG).
     **Overwrites** ``scaled_logits`` (with the unnormalised probabilities w below): where V is a multiple of
     ``CDF_BLOCK`` (SmolLM2's 49 152 is) no vocabulary-sized tensor is allocated, which on a CPU costs as much as the
     arithmetic (page faults on ≈ 13 MB per decode step at batch 64); other vocabularies get one padded copy.
@@ -172,7 +176,8 @@ def sample_from_logits(scaled_logits: torch.Tensor) -> tuple[torch.Tensor, torch
     by_block = weights.view(n, blocks, CDF_BLOCK)
     block_cdf = by_block.sum(-1).cumsum(-1)
     total = block_cdf[:, -1:]
-    u = torch.rand((n, 1), device=weights.device, dtype=weights.dtype) * total
+    u = (torch.rand((n, 1), device=weights.device, dtype=weights.dtype) if uniforms is None
+         else uniforms.to(weights.device, weights.dtype).view(n, 1)) * total
     block = torch.searchsorted(block_cdf, u, right=True).clamp_(max=blocks - 1)
     before = torch.where(block > 0, block_cdf.gather(-1, (block - 1).clamp_(min=0)), 0.0)
     within_cdf = by_block.gather(1, block[:, :, None].expand(n, 1, CDF_BLOCK)).squeeze(1).cumsum(-1)
@@ -186,16 +191,16 @@ def sample_from_logits(scaled_logits: torch.Tensor) -> tuple[torch.Tensor, torch
     return index, chosen.log() - total.squeeze(1).log()
 
 
-def next_tokens(logits: torch.Tensor, temperature: float, top_p: float, greedy: bool
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def next_tokens(logits: torch.Tensor, temperature: float, top_p: float, greedy: bool,
+                uniforms: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Token per row [n] and its log-prob under softmax(logits / τ) [n], from float logits [n, V] (overwritten
-    when sampling at τ = 1 with top_p = 1: ``sample_from_logits``)."""
+    when sampling at τ = 1 with top_p = 1: ``sample_from_logits``, which draws with ``uniforms`` [n] if given)."""
     scaled = logits / temperature if temperature != 1.0 else logits
     if not greedy and top_p >= 1.0:
-        return sample_from_logits(scaled)
+        return sample_from_logits(scaled, uniforms)
     # the log-prob under the full distribution; the token by argmax, or drawn from the nucleus
     logp = scaled.log_softmax(-1)
-    tokens = logits.argmax(-1) if greedy else sample_from_logits(nucleus_filter(scaled, top_p))[0]
+    tokens = logits.argmax(-1) if greedy else sample_from_logits(nucleus_filter(scaled, top_p), uniforms)[0]
     return tokens, logp.gather(-1, tokens[:, None]).squeeze(1)
 
 
@@ -229,11 +234,12 @@ def prefill(model, prompts: list[list[int]], pad_id: int, capacity: int
 
 @torch.inference_mode()
 def sample_batch(model, prompts: list[list[int]], max_new_tokens: int, eos: set[int], pad_id: int,
-                 temperature: float, top_p: float, greedy: bool, lean: bool = True
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+                 temperature: float, top_p: float, greedy: bool, lean: bool = True,
+                 uniforms: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Responses [n, T] (``pad_id`` after a row's EOS; T = the longest response) and their log-probs [n, T], as
     inference-mode tensors (copy them before autograd sees them, as ``fast_generate`` does). ``lean``: decode
-    steps through ``engine.decode.LeanDecoder`` where it applies (same logits, less per-call overhead)."""
+    steps through ``engine.decode.LeanDecoder`` where it applies (same logits, less per-call overhead).
+    ``uniforms`` [n, max_new_tokens]: sequence b draws its t-th token with ``uniforms[b, t]``."""
     device = next(model.parameters()).device
     width = max(len(p) for p in prompts)
     logits, cache, prompt_mask = prefill(model, prompts, pad_id, capacity=width + max_new_tokens - 1)
@@ -247,8 +253,11 @@ def sample_batch(model, prompts: list[list[int]], max_new_tokens: int, eos: set[
     attention_mask = torch.ones((n, width + max_new_tokens), dtype=torch.long, device=device)
     attention_mask[:, :width] = prompt_mask
     steps = 0
+    if uniforms is not None:
+        uniforms = uniforms.to(device)
     for step in range(max_new_tokens):
-        tokens, token_logprobs = next_tokens(logits, temperature, top_p, greedy)
+        draws = None if uniforms is None else uniforms[sample_of_row, step]  # each row's own stream
+        tokens, token_logprobs = next_tokens(logits, temperature, top_p, greedy, draws)
         responses[sample_of_row, step] = tokens
         logprobs[sample_of_row, step] = token_logprobs
         steps = step + 1
@@ -291,13 +300,18 @@ def _check_arguments(prompt_token_ids, example_index, group_ids, max_new_tokens,
 def fast_generate(model, tokenizer, prompt_token_ids: list[list[int]], example_index: list[int],
                   group_ids: list[int], max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
                   greedy: bool = False, batch_size: int | None = None, pack_weights: bool = True,
-                  lean: bool = True) -> Rollout:
+                  lean: bool = True, uniforms: torch.Tensor | None = None) -> Rollout:
     """Sample one completion per entry of ``prompt_token_ids`` (repeat a prompt n times for a group), like
     ``rollout.generate``, with ``Rollout.sampler_logprobs`` filled. ``batch_size`` caps the sequences decoded
     together (default: all); ``pack_weights=False`` multiplies by the weights as they are, without the packed copy
     (``engine.packed``: one more copy of the linear weights in memory during the call); ``lean=False`` runs every
-    decode step through the model's forward instead of ``engine.decode.LeanDecoder`` (the same logits)."""
+    decode step through the model's forward instead of ``engine.decode.LeanDecoder`` (the same logits).
+    ``uniforms`` [n, ≥ max_new_tokens] in [0, 1): completion b draws its t-th token with ``uniforms[b, t]`` instead
+    of torch's global RNG, so a completion's draws do not depend on the other sequences in the call."""
     _check_arguments(prompt_token_ids, example_index, group_ids, max_new_tokens, temperature, top_p, batch_size)
+    if uniforms is not None and (uniforms.shape[0] != len(prompt_token_ids) or uniforms.shape[1] < max_new_tokens):
+        raise UserError(f"fast_generate: uniforms has shape {tuple(uniforms.shape)}; it needs one row per prompt "
+                        f"({len(prompt_token_ids)}) and at least max_new_tokens={max_new_tokens} columns")
     if tokenizer.pad_token_id is None:
         raise UserError("the tokenizer has no pad token; set tokenizer.pad_token (load_model does)")
     eos = eos_token_ids(model, tokenizer)
@@ -307,7 +321,7 @@ def fast_generate(model, tokenizer, prompt_token_ids: list[list[int]], example_i
     bs = batch_size or len(prompt_token_ids)
     with packed_linear_weights(model) if pack_weights else nullcontext():
         chunks = [sample_batch(model, prompt_token_ids[start:start + bs], max_new_tokens, eos, pad_id, temperature,
-                               top_p, greedy, lean)
+                               top_p, greedy, lean, None if uniforms is None else uniforms[start:start + bs])
                   for start in range(0, len(prompt_token_ids), bs)]
     prompt_ids, prompt_mask = left_pad(prompt_token_ids, pad_id)
     return assemble_rollout(tokenizer, prompt_ids, prompt_mask, [ids for ids, _ in chunks], eos, pad_id,

@@ -42,9 +42,12 @@ from moalign.engine import objective_gradients
 from moalign.engine import rollout as hf_rollout
 from moalign.engine.embedding_rows import EmbeddingRowGradients
 from moalign.engine.evaluation import (
+    EvalSettings,
     encode_prompts,
     eval_change_table,
+    eval_cost,
     evaluate_split,
+    fixed_scalarization,
     score_batch,
 )
 from moalign.engine.linear_grads import LinearGradientsInPlace
@@ -151,6 +154,8 @@ class Trainer:
 
         self.objectives, self.weighting = load_objectives_and_weighting(cfg)
         self.objective_names = [o.name for o in self.objectives]
+        self.scalarization = fixed_scalarization(self.objective_names, self.weighting.weights)  # λ0, normalised
+        self.eval_settings = EvalSettings.from_config(cfg)
         self.estimator = get_estimator(cfg.estimator.name)
         self.splits: dict[str, list[Example]] = dict(load_data(cfg.data).items())
         if not self.splits["train"]:
@@ -509,11 +514,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, split: str) -> dict[str, Any]:
-        e = self.cfg.eval
-        return evaluate_split(self.model, self.tokenizer, self.generate, self.objectives, split, self.splits[split],
-                              self.prompt_tokens[split], e.num_prompts,
-                              e.max_new_tokens or self.cfg.rollout.max_new_tokens,
-                              batch_size=max(self.cfg.optim.micro_batch_size, 16))
+        return evaluate_split(self.model, self.tokenizer, self.objectives, split, self.splits[split],
+                              self.prompt_tokens[split], self.eval_settings)
 
     # ------------------------------------------------------------------------------------------ state
 
@@ -617,7 +619,7 @@ class Trainer:
         return record
 
     def _evaluate_start(self) -> None:
-        record = self._held_out_record()
+        record = self._held_out_record() | self.scalarization
         self._log(record)
         self.eval_history = [record]
 
@@ -653,7 +655,7 @@ class Trainer:
         table = eval_change_table(self.eval_history, self.objective_names)
         return {"steps": self.step_idx, "wall_seconds": wall_s, "objectives": self.objective_names,
                 "weighting": self.cfg.weighting.name, "final_weights": self.weighting.named_weights(),
-                "eval": table, "skipped_steps": self.skipped_steps,
+                "eval": table, "eval_cost": eval_cost(self.eval_history), "skipped_steps": self.skipped_steps,
                 "law": None if self.law is None else self.law.summary(), "pl": {"mu_hat": self.pl.mu_hat,
                                                                                 "j_star": self.j_star,
                                                                                 "dropped_points": self.pl.num_dropped}}

@@ -3,10 +3,13 @@
 Inputs are run directories as the engine writes them (``metrics.jsonl``, ``config.yaml``, ``summary.json``); a study
 directory holds them under ``runs/``. Every number here is computed from those files:
 
-* tidy results: one row per run × split × evaluation step × objective, the mean score over the evaluation prompts;
-* per configuration (runs that differ only in their seed): per-objective change with a 95% interval, degradation
-  flags, training-score gain, interference and hypervolume (``moalign.diagnostics.interference``), on the validation
-  split and, when every run evaluated it at its start and end, the test split;
+* tidy results: one row per run × split × evaluation mode × evaluation step × objective, the mean score over the
+  evaluation prompts;
+* per configuration (runs that differ only in their seed): per-objective change with a 95% interval over seeds and
+  prompts, degradation flags, the change of the fixed scalarization λ0, the verdict (interference, degradation,
+  improvement, no effect detected) and hypervolume (``moalign.diagnostics.interference``), on the held-out expected
+  reward (sampled evaluations; greedy scores for runs without them), on the validation split and, when every run
+  evaluated it at its start and end, the test split;
 * interference rate: the fraction of runs (each seed counted once) that interfere;
 * cost: mean seconds per training step (``perf/step_s``) and per phase (``time/<phase>_s``), and any logged
   ``perf/*pass*`` counter;
@@ -47,8 +50,8 @@ from moalign.errors import UserError
 
 SUMMARY_FILE = "summary.json"
 STUDY_FILE = "study.yaml"
-RESULT_COLUMNS = ["study", "run", "algorithm", "model", "estimator", "seed", "objective_set", "split", "step",
-                  "objective", "value"]
+RESULT_COLUMNS = ["study", "run", "algorithm", "model", "estimator", "seed", "objective_set", "split", "mode",
+                  "step", "objective", "value"]
 
 
 # ------------------------------------------------------------------------------------------------ runs
@@ -95,9 +98,10 @@ class StudyRun:
         steps, values = zip(*pairs) if pairs else ((), ())
         return np.array(steps, dtype=int), np.array(values, dtype=float)
 
-    def curve(self, split: str, objective: str) -> tuple[np.ndarray, np.ndarray]:
-        """(evaluation steps, mean score over prompts) of one objective on one split."""
-        evaluations = self.run.evaluations[split]
+    def curve(self, split: str, objective: str, mode: Optional[str] = None) -> tuple[np.ndarray, np.ndarray]:
+        """(evaluation steps, mean score over prompts) of one objective on one split, in ``mode`` (default: the
+        verdicts' mode, ``Run.mode``)."""
+        evaluations = self.run.evaluations_by_mode[mode or self.run.mode][split]
         return evaluations.steps, curve_means(evaluations.per_prompt[objective])
 
 
@@ -156,14 +160,15 @@ def _study_name(path: Path, is_study: bool) -> str:
 
 
 def results_table(runs: Sequence[StudyRun], study: str) -> pd.DataFrame:
-    """Tidy results: one row per run × split × evaluation step × objective (``RESULT_COLUMNS``)."""
+    """Tidy results: one row per run × split × mode × evaluation step × objective (``RESULT_COLUMNS``)."""
     rows = []
     for r in runs:
-        for split in r.run.evaluations:
-            for objective in r.run.objectives:
-                for step, value in zip(*r.curve(split, objective)):
-                    rows.append([study, r.name, r.algorithm, r.model, r.estimator, r.seed, r.objective_set, split,
-                                 int(step), objective, float(value)])
+        for mode, by_split in r.run.evaluations_by_mode.items():
+            for split in by_split:
+                for objective in r.run.objectives:
+                    for step, value in zip(*r.curve(split, objective, mode)):
+                        rows.append([study, r.name, r.algorithm, r.model, r.estimator, r.seed, r.objective_set,
+                                     split, mode, int(step), objective, float(value)])
     return pd.DataFrame(rows, columns=RESULT_COLUMNS)
 
 
@@ -172,8 +177,8 @@ def results_table(runs: Sequence[StudyRun], study: str) -> pd.DataFrame:
 
 @dataclass(frozen=True)
 class ConfigResult:
-    """The seeds of one configuration and their interference verdicts per split (t-intervals over seeds, or the
-    paired bootstrap over prompts for a single seed)."""
+    """The seeds of one configuration and their interference verdicts per split (intervals over seeds and prompts,
+    or over prompts for a single seed)."""
 
     runs: list[StudyRun]
     reports: dict[str, InterferenceReport]  # split -> report
@@ -218,7 +223,11 @@ def selection_split(configs: Sequence[ConfigResult]) -> str:
 
 
 def run_interference(run: StudyRun, split: str) -> Optional[bool]:
-    return interference_report([run.run], split).interference
+    """The run's own verdict (its policy over the prompt distribution); None when it cannot be measured."""
+    try:
+        return interference_report([run.run], split).interference
+    except UserError:
+        return None
 
 
 def interference_rates(runs: Sequence[StudyRun], split: str, by: str) -> dict[str, tuple[int, int]]:
@@ -345,29 +354,34 @@ def describe_change(objective: str, change: float, interval: Sequence[float]) ->
     return None
 
 
-NO_CLEAR_MOVE = "no objective moves clearly (every interval contains 0)"
+NO_CLEAR_MOVE = "no effect detected (every interval contains 0)"
+
+
+SCORE_NAME = "the λ0-scalarized score"  # the fixed scalarization (diagnostics.interference)
 
 
 def clear_moves(config: ConfigResult, split: str) -> str:
-    """The objectives that moved clearly, degradations first ("clarity degrades by … while accuracy rises by …")."""
+    """The objectives (and the fixed-scalarization score) that moved clearly, degradations first ("clarity degrades
+    by … while accuracy rises by …, the λ0-scalarized score rises by …")."""
     report = config.reports[split]
     moves = [m for ch in report.changes if (m := describe_change(ch.objective, ch.change, ch.change_ci))]
     degraded = [m for m in moves if " degrades " in m]
     improved = [m for m in moves if " rises " in m]
-    if degraded and improved:
-        return f"{', '.join(degraded)} while {', '.join(improved)}"
-    return ", ".join(moves) or NO_CLEAR_MOVE
+    text = f"{', '.join(degraded)} while {', '.join(improved)}" if degraded and improved else ", ".join(moves)
+    score = describe_change(SCORE_NAME, report.score.change, report.score.change_ci)
+    if score is not None:
+        text = f"{text}; {score.replace(' degrades ', ' falls ')}" if text else score.replace(" degrades ", " falls ")
+    return text or NO_CLEAR_MOVE
 
 
 def interference_count(configs: Sequence[ConfigResult], split: str) -> str:
     """"; interference in k of n runs" over the runs of ``configs`` (empty when no run has a verdict), then, for
     configurations with several seeds, the verdict with the seeds pooled — the one the tables show. The two can
-    differ: a small change that every seed repeats is clear pooled (t-interval over seeds) and unclear within each
-    run (bootstrap over its prompts)."""
+    differ: a change every seed repeats can be clear pooled and unclear within each run, and a change one run shows
+    on its prompts can fail to generalise over seeds."""
     known = [v for c in configs for r in c.runs if (v := run_interference(r, split)) is not None]
     text = f"; interference in {sum(known)} of {len(known)} run{'s' if len(known) != 1 else ''}" if known else ""
-    pooled = [c for c in configs
-              if len(c.runs) > 1 and split in c.reports and c.reports[split].interference is not None]
+    pooled = [c for c in configs if len(c.runs) > 1 and split in c.reports]
     if not pooled:
         return text
     interfering = [c.label for c in pooled if c.reports[split].interference]

@@ -14,6 +14,7 @@ A study YAML::
     per_value:                        # any override for the runs where a grid key takes a value
       estimator:
         reinforce_pp: {loss.clip_eps_low: 100, loss.clip_eps_high: 100, loss.dual_clip: 100}
+    jobs: 2                           # runs at a time, each in a worker process (default 1)
 
 A run's config is ``base``, then its grid values, then the per-value overrides of those values
 (``weighting_params: {ctwa: {k: v}}`` is short for ``per_value: {weighting: {ctwa: {weighting.k: v}}}``). Nothing else
@@ -47,7 +48,7 @@ from moalign.config import (
 from moalign.errors import UserError
 
 PRESETS = ("quick", "smol", "paper")
-STUDY_KEYS = ("name", "description", "base", "grid", "weighting_params", "per_value")
+STUDY_KEYS = ("name", "description", "base", "grid", "weighting_params", "per_value", "jobs")
 RUNS_FOLDER = "runs"
 
 
@@ -62,6 +63,7 @@ class StudySpec(BaseModel):
     grid: dict[str, list[Any]] = Field(default_factory=dict)
     weighting_params: dict[str, dict[str, Any]] = Field(default_factory=dict)
     per_value: dict[str, dict[str, dict[str, Any]]] = Field(default_factory=dict)
+    jobs: int = Field(1, ge=1, description="runs trained at a time, each in its own worker process")
 
     @field_validator("name")
     @classmethod

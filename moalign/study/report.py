@@ -234,8 +234,8 @@ def curves_figure(f: Findings, palette: Palette, estimator: str, objective_set: 
     seeds = max(len(c.runs) for c in configs)
     band = "mean over seeds, band = min–max over seeds" if seeds > 1 else "one seed per algorithm"
     return Image(f"curves_{_stem(estimator)}_{_stem(objective_set)}", to_png(fig),
-                 f"Per-objective {split} curves (greedy decoding), estimator {estimator}; rows: models, columns: "
-                 f"objectives; {band}.")
+                 f"Per-objective {split} curves ({'/'.join(sorted({r.run.mode for c in configs for r in c.runs}))} "
+                 f"evaluation), estimator {estimator}; rows: models, columns: objectives; {band}.")
 
 
 def weights_figure(f: Findings, palette: Palette, key: tuple[str, str, str]) -> Optional[Image]:
@@ -322,31 +322,26 @@ def _stem(text: str) -> str:
 # ------------------------------------------------------------------------------------------------ tables
 
 
-def _signed(x: Optional[float]) -> str:
-    return "n/a" if x is None else f"{x:+.3f}"
-
-
-def _yes_no(flag: Optional[bool]) -> str:
-    return "n/a" if flag is None else ("yes" if flag else "no")
-
-
 def change_table(configs: Sequence[ConfigResult], split: str) -> Table:
     rows = []
     for c in configs:
         report = c.reports[split]
-        for k, ch in enumerate(report.changes):
+        lines = [(ch.objective, ch) for ch in report.changes] + [("score (λ0)", report.score)]
+        for k, (name, ch) in enumerate(lines):
             run_cells = [c.first.model, c.first.estimator, c.label, str(len(c.runs))] if k == 0 else [""] * 4
-            verdict = ([_signed(report.score_gain), _yes_no(report.interference), f"{report.hypervolume:.4f}"]
-                       if k == 0 else [""] * 3)
-            rows.append(run_cells + [ch.objective, f"{ch.start:.3f}", f"{ch.end:.3f}",
+            verdict = [report.verdict, f"{report.hypervolume:.4f}"] if k == 0 else [""] * 2
+            flag = "DEGRADES" if ch.degrades and name != "score (λ0)" else "falls" if ch.degrades else \
+                "rises" if ch.rises else ""
+            rows.append(run_cells + [name, f"{ch.start:.3f}", f"{ch.end:.3f}",
                                      f"{ch.change:+.3f} [{ch.change_ci[0]:+.3f}, {ch.change_ci[1]:+.3f}]",
-                                     "DEGRADES" if ch.degrades else "", *verdict])
-    method = configs[0].reports[split].ci_method if len(configs) == 1 else "t-interval over seeds (bootstrap over " \
-        "prompts for single-seed configurations)"
+                                     flag, *verdict])
+    modes = sorted({c.reports[split].mode for c in configs})
     return Table(["model", "estimator", "algorithm", "seeds", "objective", "start", "end", "Δ [95% CI]", "flag",
-                  "score Δ", "interference", "HV"], rows,
-                 f"{split} split; Δ = last − first evaluation; {method}. An objective degrades when its whole interval "
-                 f"is below 0; interference = the training score rises while an objective degrades.")
+                  "verdict", "HV"], rows,
+                 f"{split} split, {'/'.join(modes)} evaluation; Δ = last − first evaluation; intervals over seeds and "
+                 f"prompts (over prompts for a single seed; docs/statistics.md). score (λ0): the fixed scalarization "
+                 f"with the weighting's initial weights. An objective degrades when its whole interval is below 0; "
+                 f"interference = the score rises while an objective degrades.")
 
 
 def rate_table(f: Findings) -> Table:

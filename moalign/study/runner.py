@@ -20,7 +20,11 @@ goes on; the failures are reported at the end.
 
 The training function is injectable (``train_fn``) so that the planning and resuming logic can be tested without a
 model; the default is ``train_run`` (the config's engine, native or TRL). Runs go one after another on this machine,
-each with the config's ``threads`` and ``device``.
+each with the config's ``threads`` and ``device``; with ``jobs: N`` in the study file (or ``jobs=N`` on the command
+line) N runs go at a time, each in a worker process (started once, by ``spawn``, and reused; a run whose config
+leaves ``threads`` unset gets cores/N threads). Small models gain the most: on 2 cores two ``tiny`` runs at one
+thread each take the time of one (docs/reproducing.md). The parallel path needs a ``train_fn`` that pickles (a
+module-level function). Ctrl-C reaches the workers too: each running run checkpoints and stops, as alone.
 """
 
 from __future__ import annotations
@@ -28,9 +32,11 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import time
 import traceback
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Protocol
 
@@ -238,7 +244,8 @@ def run_study(config: str | Path, out_dir: str | Path | None = None, dry_run: bo
                          r.config.steps if plans[r.name] == "done" else checkpoint_step(r.run_dir), r.factors)
                for r in runs]
     write_runs_csv(study_dir, records)
-    failures = _run_all(runs, records, plans, study_dir, train_fn, total_steps, spec.name)
+    run_all = _run_all if spec.jobs == 1 else partial(_run_parallel, jobs=spec.jobs)
+    failures = run_all(runs, records, plans, study_dir, train_fn, total_steps, spec.name)
     results = write_results(study_dir, spec.name)
     console.print(f"study {spec.name}: {sum(r.status == 'done' for r in records)}/{len(runs)} runs done; "
                   f"runs.csv{', results.parquet' if results else ''} in {study_dir}; "
@@ -271,31 +278,136 @@ def _run_all(runs: list[PlannedRun], records: list[RunRecord], plans: dict[str, 
     return failures
 
 
-def _run_one(run: PlannedRun, record: RunRecord, plan: Plan, train_fn: TrainFn, bar) -> bool:
-    """Train one run, keeping ``record`` and the bar current; True when it failed."""
+def prepare_run_dir(run: PlannedRun) -> None:
     run.run_dir.mkdir(parents=True, exist_ok=True)
     write_config(run.run_dir, run.config)  # first: a run killed at any later moment can be resumed
     (run.run_dir / "error.txt").unlink(missing_ok=True)
+
+
+def train_once(train_fn: TrainFn, cfg: TrainConfig, run_dir: Path, resume: bool,
+               on_step: Callable[[int], None]) -> tuple[str, str, float]:
+    """Train one run: (status, error, wall seconds), status done | failed | interrupted. A failure's traceback goes
+    to ``error.txt``: one broken run must not cost the rest of a long study."""
+    t0 = time.perf_counter()
+    try:
+        train_fn(cfg, run_dir, resume, on_step)
+        return "done", "", time.perf_counter() - t0
+    except KeyboardInterrupt:
+        return "interrupted", "", time.perf_counter() - t0
+    except Exception as exc:
+        (run_dir / "error.txt").write_text(traceback.format_exc())
+        error = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        return "failed", error, time.perf_counter() - t0
+
+
+def _finish(record: RunRecord, status: str, error: str, seconds: float, bar) -> None:
+    record.status, record.error = status, error
+    record.wall_s += seconds
+    if status == "done":
+        bar.write(f"✓ {record.run} ({record.wall_s:.0f} s)")
+    elif status == "failed":
+        bar.write(f"✗ {record.run} failed: {error}")
+
+
+def _interrupted(names: list[str]) -> KeyboardInterrupt:
+    return KeyboardInterrupt(f"study interrupted during {', '.join(names)}; run the same `moalign study` command "
+                             f"again to resume")
+
+
+def _run_one(run: PlannedRun, record: RunRecord, plan: Plan, train_fn: TrainFn, bar) -> bool:
+    """Train one run, keeping ``record`` and the bar current; True when it failed."""
+    prepare_run_dir(run)
 
     def on_step(step: int) -> None:
         bar.update(max(0, step - record.steps_done))
         record.steps_done = step
 
-    t0 = time.perf_counter()
-    try:
-        train_fn(run.config, run.run_dir, plan == "resume", on_step)
-        record.status = "done"
-    except KeyboardInterrupt:
-        record.status = "interrupted"
-        raise KeyboardInterrupt(f"study interrupted during {run.name}; run the same `moalign study` command "
-                                f"again to resume") from None
-    except Exception as exc:  # one broken run must not cost the rest of a long study
-        record.status = "failed"
-        record.error = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
-        (run.run_dir / "error.txt").write_text(traceback.format_exc())
-        bar.write(f"✗ {run.name} failed: {record.error}")
-    finally:
-        record.wall_s += time.perf_counter() - t0
-    if record.status == "done":
-        bar.write(f"✓ {run.name} ({record.wall_s:.0f} s)")
+    _finish(record, *train_once(train_fn, run.config, run.run_dir, plan == "resume", on_step), bar)
+    if record.status == "interrupted":
+        raise _interrupted([run.name])
     return record.status == "failed"
+
+
+# ------------------------------------------------------------------------------------------------ parallel runs
+
+_progress = None  # in a worker process: the queue its runs report their steps on
+
+
+def _start_worker(progress, threads: int) -> None:
+    import torch
+
+    global _progress
+    _progress = progress
+    torch.set_num_threads(threads)  # a run's own ``threads`` overrides it
+
+
+def _train_in_worker(train_fn: TrainFn, config: dict[str, Any], run_dir: str, resume: bool, name: str
+                     ) -> tuple[str, str, float]:
+    return train_once(train_fn, TrainConfig.model_validate(config), Path(run_dir), resume,
+                      lambda step: _progress.put((name, step)))
+
+
+def _run_parallel(runs: list[PlannedRun], records: list[RunRecord], plans: dict[str, Plan], study_dir: Path,
+                  train_fn: TrainFn, total_steps: int, study: str, jobs: int) -> list[str]:
+    """``_run_all`` with ``jobs`` runs at a time in worker processes (module docstring)."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from queue import Empty
+
+    from tqdm.auto import tqdm
+
+    context = multiprocessing.get_context("spawn")
+    progress = context.Queue()
+    by_name = {record.run: record for record in records}
+    bar = tqdm(total=total_steps, desc=f"study {study} ({jobs} jobs)", unit="step", dynamic_ncols=True)
+
+    def report_steps() -> None:
+        while True:
+            try:
+                name, step = progress.get_nowait()
+            except Empty:
+                return
+            record = by_name[name]
+            bar.update(max(0, step - record.steps_done))
+            record.steps_done = step
+
+    executor = ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker,
+                                   initargs=(progress, max(1, (os.cpu_count() or 1) // jobs)))
+    queued = [run for run in runs if plans[run.name] != "done"]
+    futures: dict[Any, str] = {}
+
+    def submit_next():  # one run per free worker: nothing waits in a queue when Ctrl-C comes
+        run = queued.pop(0)
+        prepare_run_dir(run)
+        future = executor.submit(_train_in_worker, train_fn, run.config.model_dump(mode="json"), str(run.run_dir),
+                                 plans[run.name] == "resume", run.name)
+        futures[future] = run.name
+        return future
+
+    try:
+        waiting = {submit_next() for _ in range(min(jobs, len(queued)))}
+        while waiting:
+            finished, waiting = wait(waiting, timeout=0.25, return_when=FIRST_COMPLETED)
+            report_steps()
+            for future in finished:
+                _finish(by_name[futures[future]], *future.result(), bar)
+                write_runs_csv(study_dir, records)
+                if queued and not any(r.status == "interrupted" for r in records):
+                    waiting.add(submit_next())
+        interrupted = [r.run for r in records if r.status == "interrupted"]
+        if interrupted:
+            raise _interrupted(interrupted)
+    except KeyboardInterrupt as exc:
+        # the workers got the same Ctrl-C: their runs checkpoint and return "interrupted"
+        executor.shutdown(wait=True, cancel_futures=True)
+        for future, name in futures.items():
+            if by_name[name].status == "pending":
+                failed = future.cancelled() or future.exception() is not None
+                _finish(by_name[name], *(("interrupted", "", 0.0) if failed else future.result()), bar)
+        write_runs_csv(study_dir, records)
+        names = [r.run for r in records if r.status == "interrupted"] or [str(exc) or "a run"]
+        raise _interrupted(names) from None
+    finally:
+        executor.shutdown(wait=True)
+        bar.close()
+    return [r.run for r in records if r.status == "failed"]

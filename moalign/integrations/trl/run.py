@@ -18,11 +18,17 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from trl import GRPOConfig
 
 from moalign.config import TrainConfig
-from moalign.engine.evaluation import encode_prompts, eval_change_table, evaluate_split
+from moalign.engine.evaluation import (
+    EvalSettings,
+    encode_prompts,
+    eval_change_table,
+    eval_cost,
+    evaluate_split,
+    fixed_scalarization,
+)
 from moalign.engine.memory import trim_heap_if_large
 from moalign.engine.metrics import MetricsWriter, read_metrics
 from moalign.engine.precision import warn_if_updates_round_away
-from moalign.engine.rollout import generate
 from moalign.engine.run_dir import prepare_run_dir, print_summary, write_config, write_summary
 from moalign.errors import UserError
 from moalign.integrations.trl.plan import check_trl_overrides, plan_trl_run
@@ -37,21 +43,19 @@ TRL_METRIC_NAMES = {"loss": "loss/total", "kl": "loss/kl", "grad_norm": "actor/g
 
 
 class HeldOutEvaluation:
-    """Greedy evaluation of val/test prompts under the native engine's metric names (``eval/<split>/<objective>/
-    mean``, ``per_prompt``, ``missing``, ``eval/<split>/length/mean``, ...). It only scores: objective state is
-    never changed by evaluation."""
+    """The native engine's held-out evaluation (``engine.evaluation``: ``eval.mode``, the same metric names and the
+    same common random numbers per prompt and completion). It only scores: objective state is never changed by
+    evaluation."""
 
     def __init__(self, tokenizer: Any, objectives: Sequence[Objective], splits: dict[str, list], cfg: TrainConfig):
         self.tokenizer, self.objectives, self.splits = tokenizer, list(objectives), splits
-        self.num_prompts = cfg.eval.num_prompts
-        self.max_new_tokens = cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens
-        self.batch_size = max(cfg.optim.micro_batch_size, 16)
+        self.settings = EvalSettings.from_config(cfg)
         self.prompt_ids = {split: encode_prompts(tokenizer, split, splits[split], cfg.rollout.max_prompt_tokens,
                                                  system_prompt_for(cfg.model)) for split in ("val", "test")}
 
     def __call__(self, model: Any, split: str) -> dict[str, Any]:
-        return evaluate_split(model, self.tokenizer, generate, self.objectives, split, self.splits[split],
-                              self.prompt_ids[split], self.num_prompts, self.max_new_tokens, self.batch_size)
+        return evaluate_split(model, self.tokenizer, self.objectives, split, self.splits[split],
+                              self.prompt_ids[split], self.settings)
 
 
 def moalign_record(logs: dict[str, Any], own_names: set[str]) -> dict[str, Any]:
@@ -80,6 +84,8 @@ class RunDirRecorder(TrainerCallback):
             self.writer.truncate(self.metrics_offset(resume))
         self.evaluate = evaluate if self.writer is not None else None
         self.started = resume is not None  # the start evaluation is already in metrics.jsonl
+        # λ0 before any step (a gradient-level weighting solves its weights before the first optimizer step)
+        self.scalarization = fixed_scalarization(trainer.objective_names, trainer.weighting.weights)
         self.pending: dict[str, Any] = {}
         self.step_started, self.eval_seconds = time.perf_counter(), 0.0
 
@@ -97,7 +103,7 @@ class RunDirRecorder(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if self.evaluate is not None and not self.started:
             self.started = True
-            self.writer.write(self._evaluate(0, self._start_and_end_splits()))
+            self.writer.write(self._evaluate(0, self._start_and_end_splits()) | self.scalarization)
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % self.k:
@@ -122,15 +128,16 @@ class RunDirRecorder(TrainerCallback):
             folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
             (folder / RUN_FILE).write_text(json.dumps({"metrics_offset": self.writer.offset()}))
 
-    def finish(self) -> dict[str, Any]:
-        """Write the end evaluation and close; returns the summary's start → end table (empty off the main
-        process)."""
+    def finish(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Write the end evaluation and close; returns the summary's start → end table and the evaluations' cost
+        (both empty off the main process)."""
         if self.writer is None:
-            return {}
+            return {}, {}
         if self.evaluate is not None:
             self.writer.write(self._evaluate(self.cfg.steps, self._start_and_end_splits()))
         self.writer.close()
-        return eval_change_table(read_metrics(self.run_dir / "metrics.jsonl"), self.trainer.objective_names)
+        records = read_metrics(self.run_dir / "metrics.jsonl")
+        return eval_change_table(records, self.trainer.objective_names), eval_cost(records)
 
     @staticmethod
     def metrics_offset(checkpoint: Optional[str]) -> int:
@@ -182,11 +189,11 @@ def train_with_trl(cfg: TrainConfig, run_dir: Union[str, Path],
     trainer.add_callback(recorder)
 
     trainer.train(resume_from_checkpoint=resume)
-    eval_table = recorder.finish()
+    eval_table, cost = recorder.finish()
     export_model(trainer, inputs.tokenizer, run_dir, lora=cfg.model.lora is not None)
     summary = {"engine": "trl", "steps": trainer.state.global_step // plan.optimizer_steps_per_step,
                "wall_seconds": time.perf_counter() - wall_start, "objectives": trainer.objective_names,
-               "weighting": cfg.weighting.name, "eval": eval_table,
+               "weighting": cfg.weighting.name, "eval": eval_table, "eval_cost": cost,
                "final_weights": trainer.weighting.named_weights(),
                "skipped_steps": 0, "trl_notes": plan.notes}
     if trainer.accelerator.is_main_process:
