@@ -11,6 +11,7 @@ weightings' parameters set pydantic's ``allow_inf_nan=False``), with the key nam
 
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -415,7 +416,7 @@ def load_yaml(path: str | Path) -> dict:
 
 
 def build_config(model_cls: type[BaseModel], base: dict | None = None, overrides: list[str] | None = None):
-    tree = dict(base or {})
+    tree = copy.deepcopy(base or {})  # set_dotted writes into nested sections: never into the caller's
     for key, value in parse_overrides(overrides or []):
         set_dotted(tree, key, value, NAMED_SECTIONS)
     return validate(model_cls, tree)

@@ -546,9 +546,10 @@ class Trainer:
         path, state = found
         named = dict(self.model.named_parameters())
         saved = state["trainable"]
-        if set(saved) - set(named) or any(named[k].shape != v.shape for k, v in saved.items()):
-            raise UserError(f"checkpoint {path} holds parameters this run's model does not have (or of other shapes): "
-                            f"it belongs to another model; resume the run with the config it was started with")
+        trainable = {k for k, v in named.items() if v.requires_grad}
+        if set(saved) != trainable or any(named[k].shape != v.shape for k, v in saved.items()):
+            raise UserError(f"checkpoint {path} does not hold this run's trainable parameters (other names or shapes): "
+                            f"it belongs to another model or trainable part; resume with the config it was started with")
         with torch.no_grad():
             for k, v in saved.items():
                 named[k].copy_(v)
