@@ -109,7 +109,12 @@ def _train(args) -> int:
         if changed:
             raise UserError(f"--resume {run_dir}: the run is complete (it has summary.json), so {', '.join(changed[:6])} "
                             f"cannot change it; start a new run to train further")
-        print_summary(json.loads((run_dir / "summary.json").read_text()), run_dir)
+        try:
+            summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+            print_summary(summary, run_dir)
+        except (ValueError, UnicodeDecodeError, AttributeError, KeyError, TypeError):
+            raise UserError(f"{run_dir / 'summary.json'} is corrupt; delete it and resume again (the final "
+                            f"checkpoint rewrites it)") from None
         _console().print(f"{run_dir} is already complete (it has summary.json): nothing to resume")
         return 0
     if args.trl and cfg.engine != "trl":

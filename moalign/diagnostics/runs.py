@@ -124,7 +124,12 @@ class Run:
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """The records of a metrics.jsonl, one per step (lines of one step merged, later keys winning), by step."""
-    lines = [(number, line) for number, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); the "
+                        f"metrics file is corrupt") from None
+    lines = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
     by_step: dict[int, dict[str, Any]] = {}
     for position, (number, line) in enumerate(lines):
         try:

@@ -31,7 +31,7 @@ LOCK_FILE = ".moalign.lock"
 # what the engines and the study runner write in a run directory (names starting with "." and ending in ".tmp" are
 # their temporary files: .config.yaml.tmp, .summary.json.tmp, .model.tmp)
 RUN_ENTRIES = frozenset({"config.yaml", "metrics.jsonl", "summary.json", "checkpoints", "model", "tensorboard",
-                         "error.txt", LOCK_FILE})
+                         "error.txt", "report", LOCK_FILE})  # report: `moalign report RUN_DIR`'s default place
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -71,7 +71,7 @@ def _contents(path: Path) -> list[str]:
 
 def _protected(run_dir: Path) -> str | None:
     """Why ``run_dir`` must never be emptied, or None."""
-    resolved, cwd, home = run_dir.resolve(), Path.cwd().resolve(), Path.home().resolve()
+    resolved, cwd, home = (Path(os.path.realpath(p)) for p in (run_dir, Path.cwd(), Path.home()))
     if resolved == cwd or resolved in cwd.parents:
         return f"it is the working directory {cwd} or contains it"
     if resolved == home or resolved in home.parents:
