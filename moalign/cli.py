@@ -101,6 +101,7 @@ def _train(args) -> int:
 
     cfg = resolve_train_config(args)
     run_dir = Path(cfg.run_dir)
+    args.run_dir = run_dir  # named in the message of an interrupted run
     if args.resume and (run_dir / "summary.json").is_file():
         from moalign.config import TrainConfig, build_config, load_yaml
 
@@ -297,7 +298,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as exc:
         msg = str(exc) or "interrupted"
-        print(f"\n{msg}. Resume with: moalign train --resume <run_dir>", file=sys.stderr)
+        if args.command == "train":
+            msg += f". Resume with: moalign train --resume {getattr(args, 'run_dir', None) or '<run_dir>'}"
+        print(f"\n{msg}", file=sys.stderr)
         return 130
 
 

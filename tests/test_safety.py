@@ -553,3 +553,73 @@ def test_is_run_dir(tmp_path, finished_run):
     assert is_run_dir(finished_run)
     (tmp_path / "config.yaml").write_text("name: my project\n")
     assert not is_run_dir(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------ more hostile input
+
+
+def test_hostile_inputs_to_the_commands_that_read_runs(capsys, tmp_path, finished_run):
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(finished_run, corrupt)
+    (corrupt / "metrics.jsonl").write_bytes(b"\xff\xfe binary")
+    one_line_error(capsys, ["interference", str(corrupt)], "metrics.jsonl is not UTF-8 text (byte 0xff at offset 0)")
+    one_line_error(capsys, ["report", str(corrupt)], "metrics.jsonl is not UTF-8 text")
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    one_line_error(capsys, ["interference", str(loop)], "is not a run directory")
+    one_line_error(capsys, ["report", str(tmp_path / "empty_or_missing")], "is not a directory")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    one_line_error(capsys, ["report", str(finished_run), "--out", str(a_file)], "Not a directory")
+
+
+def test_a_corrupt_summary_of_a_complete_run(capsys, tmp_path, finished_run):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    (run_dir / "summary.json").write_text("{not json")
+    one_line_error(capsys, ["train", "--resume", str(run_dir)], "summary.json is corrupt; delete it and resume again")
+    (run_dir / "summary.json").unlink()
+    assert main(["train", "--resume", str(run_dir)]) == 0  # the final checkpoint: only the export and summary redone
+    assert metric_steps(run_dir) == [0, 1, 2, 2]
+
+
+def test_a_report_inside_a_run_does_not_block_overwrite(capsys, tmp_path, finished_run):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    assert main(["report", str(run_dir)]) == 0  # writes run_dir/report/
+    assert main(["train", *RUN, "steps=1", f"run_dir={run_dir}", "--overwrite"]) == 0
+    assert not (run_dir / "report").exists()
+
+
+def test_an_exhausted_arithmetic_split_is_said_in_seconds():
+    from moalign.data.arithmetic import generate_problems
+
+    start = time.perf_counter()
+    with pytest.raises(UserError, match="could only generate 435.. distinct difficulty-1 train problems \\(asked for "
+                                        "100000\\); lower data.num_train"):
+        generate_problems(1, 100_000, 0, "train")
+    assert time.perf_counter() - start < 60  # was ≈ 10⁸ draws (tens of minutes)
+
+
+def test_two_studies_on_one_directory(tmp_path):
+    from moalign.study.runner import STUDY_LOCK_FILE, run_study
+
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump({"name": "s", "base": {"model": "tiny", "steps": 1}, "grid": {"seed": [0]}}))
+    out = tmp_path / "out"
+    out.mkdir()
+    with RunLock(out, STUDY_LOCK_FILE):
+        with pytest.raises(UserError, match=f"{out} is in use by process {os.getpid()}"):
+            run_study(study, out_dir=out, train_fn=lambda *args: pytest.fail("trained while another study ran"))
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["data.num_train=2000000"], "data.num_train: Input should be less than or equal to 1000000"),
+    (["data.num_val=-1"], "data.num_val: Input should be greater than or equal to 0"),
+])
+def test_more_refused_settings(capsys, tmp_path, overrides, fragment):
+    one_line_error(capsys, ["train", *RUN, f"run_dir={tmp_path / 'run'}", *overrides], fragment)
+
+
+def test_a_tilde_in_run_dir_is_the_home_directory():
+    assert build_config(TrainConfig, {}, ["run_dir=~/runs/x"]).run_dir == str(Path.home() / "runs" / "x")

@@ -159,8 +159,9 @@ def load_checkpoint(path: Path, required: Iterable[str] = ()) -> dict[str, Any]:
                 f"was run): moalign's checkpoints hold only tensors and plain values, so another program wrote it or "
                 f"it was altered; delete it to resume from the checkpoint before it, or start the run again with "
                 f"--overwrite (if you trust it, resume it with the moalign version that wrote it)") from None
-        detail = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else "no detail"
-        raise UnreadableCheckpoint(f"checkpoint {path} cannot be read ({type(exc).__name__}: {detail})") from None
+        detail = (f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:120]}" if str(exc).strip() else
+                  "the file is empty" if path.stat().st_size == 0 else type(exc).__name__)
+        raise UnreadableCheckpoint(f"checkpoint {path} cannot be read ({detail})") from None
     missing = [k for k in required if not isinstance(state, dict) or k not in state]
     if missing:
         raise UnreadableCheckpoint(f"checkpoint {path} is not a moalign checkpoint (it lacks {', '.join(missing)})")

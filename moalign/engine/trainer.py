@@ -11,6 +11,8 @@ Crash safety: a run killed at any moment resumes from its latest checkpoint (``T
 continues exactly; ``metrics.jsonl`` is cut back to the checkpoint's offset, so no line is torn or duplicated. The
 final checkpoint (``finished``) is written after the end evaluation, so a crash during the export only redoes the
 export. ``ckpt.fault_point`` marks where the crash tests kill the process (inert unless MOALIGN_FAULT is set).
+A resume starts from the newest checkpoint that can be read (``ckpt.load_latest_intact``). A first Ctrl-C / SIGTERM
+during the loop stops after the current step and its checkpoint; a second stops at once (``engine.signals``).
 """
 
 from __future__ import annotations

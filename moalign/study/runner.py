@@ -13,7 +13,9 @@ Resuming is running the same command again. Each run is planned from what its di
     a checkpoint, no summary    -> resume from the checkpoint (``Trainer(cfg, run_dir, resume=True)``)
     anything else               -> start from scratch (the same call: without a checkpoint the trainer starts over)
 
-A run directory whose config.yaml differs from the study's config for it (apart from the run directory, threads and
+One ``moalign study`` at a time holds a study directory (``.moalign-study.lock``), and a run's directory is locked
+while it trains (``engine.run_dir.RunLock``). A resumed run reads its checkpoint without running code
+(``engine.checkpoint``). A run directory whose config.yaml differs from the study's config for it (apart from the run directory, threads and
 logging) stops the study before anything runs: continuing would mix two studies under one name. Finished runs are
 never touched. A run that fails is recorded (``error.txt`` in its directory, ``failed`` in runs.csv) and the study
 goes on; the failures are reported at the end.
