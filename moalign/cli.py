@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from moalign.engine.run_dir import PreparedRunDir, prepare_run_dir, print_summary, write_config, write_summary
-from moalign.errors import UserError, one_line
+from moalign.errors import UserError, one_line, short_repr
 
 
 def _console():
@@ -49,8 +49,6 @@ def changed_keys(old, new) -> list[str]:
 def check_resume_changes(saved, cfg, run_dir: str) -> None:
     """Refuse overrides that would change what a resumed run computes (``RESUME_SAFE_KEYS``) before anything is
     written."""
-    from moalign.errors import short_repr
-
     flat = _flatten(cfg.model_dump(mode="json"))
     unsafe = [k for k in changed_keys(saved, cfg)
               if not any(k == safe or k.startswith(safe + ".") for safe in RESUME_SAFE_KEYS)]

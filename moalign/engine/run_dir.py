@@ -60,8 +60,8 @@ def _holds_a_run_config(path: Path) -> bool:
 
 def is_run_dir(path: Path) -> bool:
     """Whether ``path`` was made by a moalign run: it has the run lock file, or a config.yaml with a run's config."""
-    return (path / LOCK_FILE).is_file() or (path / "config.yaml").is_file() and _holds_a_run_config(
-        path / "config.yaml")
+    config = path / "config.yaml"
+    return (path / LOCK_FILE).is_file() or (config.is_file() and _holds_a_run_config(config))
 
 
 def _contents(path: Path) -> list[str]:
