@@ -10,8 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from moalign.engine.run_dir import prepare_run_dir, print_summary, write_config, write_summary
-from moalign.errors import UserError
+from moalign.engine.run_dir import PreparedRunDir, prepare_run_dir, print_summary, write_config, write_summary
+from moalign.errors import UserError, one_line, short_repr
 
 
 def _console():
@@ -23,7 +23,48 @@ def _console():
 # ------------------------------------------------------------------------------------------------ train
 
 
+# What a resume may change: settings that do not alter what the run computes (when it evaluates and checkpoints, how
+# it logs, where and on how many threads it runs), and steps, which may only grow. Every other key (seed, model,
+# data, objectives, weighting, estimator, rollout, loss, optim, the evaluation's settings, diagnostics, precision,
+# engine) is refused: the saved config must go on describing the run.
+RESUME_SAFE_KEYS = ("steps", "eval.every", "checkpoint", "log", "threads", "device", "run_dir")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def changed_keys(old, new) -> list[str]:
+    """The dotted keys whose values differ between two TrainConfigs."""
+    a, b = _flatten(old.model_dump(mode="json")), _flatten(new.model_dump(mode="json"))
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+def check_resume_changes(saved, cfg, run_dir: str) -> None:
+    """Refuse overrides that would change what a resumed run computes (``RESUME_SAFE_KEYS``) before anything is
+    written."""
+    flat = _flatten(cfg.model_dump(mode="json"))
+    unsafe = [k for k in changed_keys(saved, cfg)
+              if not any(k == safe or k.startswith(safe + ".") for safe in RESUME_SAFE_KEYS)]
+    if unsafe:
+        shown = ", ".join(f"{k}={short_repr(flat.get(k), 40)}" for k in unsafe[:6]) + (" ..." if len(unsafe) > 6 else "")
+        raise UserError(f"--resume {run_dir}: {shown} would change what the run computes (a resume may change only "
+                        f"steps, eval.every, checkpoint.*, log.*, threads, device); resume without them, or start a "
+                        f"new run: moalign train --config {Path(run_dir) / 'config.yaml'} run_dir=NEW_DIR ...")
+    if cfg.steps < saved.steps:
+        raise UserError(f"--resume {run_dir}: steps={cfg.steps} is below the run's steps={saved.steps}; steps may only "
+                        f"grow on resume")
+
+
 def resolve_train_config(args):
+    """The run's config: defaults, the YAML file (or the resumed run's config.yaml) and the overrides. A resume's
+    overrides are checked against the saved config (``check_resume_changes``); nothing is written here."""
     from moalign.config import TrainConfig, build_config, load_yaml
 
     base = {}
@@ -33,23 +74,46 @@ def resolve_train_config(args):
             raise UserError(f"--resume {args.resume}: no config.yaml there (not a moalign run directory, or a run "
                             f"stopped before it started: start it again without --resume)")
         base = load_yaml(cfg_path)
+        if "run_dir" in base:  # the directory is where it is now (it may have been moved or copied)
+            base["run_dir"] = str(args.resume)
     elif args.config:
         base = load_yaml(args.config)
     cfg = build_config(TrainConfig, base, args.overrides)
     if args.resume:
         cfg = cfg.model_copy(update={"run_dir": str(args.resume)})
+        check_resume_changes(build_config(TrainConfig, base, []), cfg, args.resume)
     if cfg.run_dir is None:
         cfg = cfg.model_copy(update={"run_dir": f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{cfg.weighting.name}"})
     return cfg
 
 
 def cmd_train(args) -> int:
+    from moalign.engine.signals import stop_on_signals
+
+    with stop_on_signals():  # from the start: a Ctrl-C while imports run or the model loads is not lost
+        return _train(args)
+
+
+def _train(args) -> int:
     from moalign.engine.trainer import load_objectives_and_weighting
 
     cfg = resolve_train_config(args)
     run_dir = Path(cfg.run_dir)
+    args.run_dir = run_dir  # named in the message of an interrupted run
     if args.resume and (run_dir / "summary.json").is_file():
-        print_summary(json.loads((run_dir / "summary.json").read_text()), run_dir)
+        from moalign.config import TrainConfig, build_config, load_yaml
+
+        saved = build_config(TrainConfig, load_yaml(run_dir / "config.yaml"), [])
+        changed = [k for k in changed_keys(saved, cfg) if not k.startswith(("run_dir", "log.", "threads", "device"))]
+        if changed:
+            raise UserError(f"--resume {run_dir}: the run is complete (it has summary.json), so {', '.join(changed[:6])} "
+                            f"cannot change it; start a new run to train further")
+        try:
+            summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+            print_summary(summary, run_dir)
+        except (ValueError, UnicodeDecodeError, AttributeError, KeyError, TypeError):
+            raise UserError(f"{run_dir / 'summary.json'} is corrupt; delete it and resume again (the final "
+                            f"checkpoint rewrites it)") from None
         _console().print(f"{run_dir} is already complete (it has summary.json): nothing to resume")
         return 0
     if args.trl and cfg.engine != "trl":
@@ -59,16 +123,17 @@ def cmd_train(args) -> int:
         from moalign.integrations.trl import train_from_cli
 
         return train_from_cli(cfg, args)
-    prepare_run_dir(run_dir, bool(args.resume), args.overwrite)
-    print_summary(train_native(cfg, run_dir, resume=bool(args.resume)), run_dir)
+    with prepare_run_dir(run_dir, bool(args.resume), args.overwrite) as prepared:  # locked until the run ends
+        print_summary(train_native(cfg, prepared, resume=bool(args.resume)), run_dir)
     return 0
 
 
-def train_native(cfg, run_dir: Path, resume: bool = False) -> dict:
+def train_native(cfg, prepared: PreparedRunDir, resume: bool = False) -> dict:
     from tqdm.auto import tqdm
 
     from moalign.engine.trainer import Trainer
 
+    run_dir = prepared.path
     console = _console()
     console.print(f"[bold]moalign train[/]: model={cfg.model.name} weighting={cfg.weighting.name} "
                   f"estimator={cfg.estimator.name} steps={cfg.steps} → {run_dir}")
@@ -76,8 +141,8 @@ def train_native(cfg, run_dir: Path, resume: bool = False) -> dict:
     try:
         trainer = Trainer(cfg, run_dir, resume=resume)
     except UserError:
-        if not resume:  # a start that fails on its input leaves an empty directory, which a new start may reuse
-            (run_dir / "config.yaml").unlink()
+        if not resume:  # a start that fails on its input removes what it made, and only that
+            prepared.abandon()
         raise
     bar = tqdm(total=cfg.steps, initial=trainer.step_idx, desc="training", unit="step", dynamic_ncols=True,
                disable=not cfg.log.progress)
@@ -148,9 +213,11 @@ def cmd_theory(args) -> int:
 
 
 def cmd_study(args) -> int:
+    from moalign.engine.signals import stop_on_signals
     from moalign.study.runner import run_study
 
-    run_study(args.config, out_dir=args.out, dry_run=args.dry_run, overrides=args.overrides)
+    with stop_on_signals():
+        run_study(args.config, out_dir=args.out, dry_run=args.dry_run, overrides=args.overrides)
     return 0
 
 
@@ -219,11 +286,19 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the file system refused a path the user gave (read-only, no permission, not a folder)
+        if args.debug or exc.filename is None:
+            raise
+        print(f"error: {one_line(f'{exc.filename}: {exc.strerror or exc}')} (check the path and its permissions, or "
+              f"choose another)", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
         msg = str(exc) or "interrupted"
-        print(f"\n{msg}. Resume with: moalign train --resume <run_dir>", file=sys.stderr)
+        if args.command == "train":
+            msg += f". Resume with: moalign train --resume {getattr(args, 'run_dir', None) or '<run_dir>'}"
+        print(f"\n{msg}", file=sys.stderr)
         return 130
 
 

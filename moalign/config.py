@@ -4,10 +4,15 @@ A run is fully described by one ``TrainConfig``; its resolved form is saved as `
 ``moalign train --config run_dir/config.yaml`` reproduces the run. Overrides use dotted keys
 (``rollout.group_size=8``); a section that has a ``name`` can be set by name alone (``model=tiny``,
 ``weighting=ctwa``, ``estimator=rloo``). Values are parsed as YAML (``[0.1, 0.05]``, ``true``, ``1e-5``).
+
+Every number must be finite: ``.inf`` and ``.nan`` are refused wherever a float is read (``Section`` and the
+weightings' parameters set pydantic's ``allow_inf_nan=False``), with the key named in the error.
 """
 
 from __future__ import annotations
 
+import copy
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -21,13 +26,27 @@ from pydantic import (
     model_validator,
 )
 
+from moalign import bounded_yaml
 from moalign.data.base import DataConfig
-from moalign.errors import UserError
+from moalign.errors import UserError, one_line, short_repr
 from moalign.rl.loss import KL_ESTIMATORS, LOSS_AGG_MODES
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+# Sampling temperatures below this are refused. The policy's log-probs are those of logits/τ: at τ = 0.01 a logit
+# gap of 1 is already 100 nats, sampling is argmax in effect, and the importance ratio exp(Δ log π) of a logit change
+# above 0.88 overflows float32 (e^88.7). vLLM warns and clamps at the same 0.01. Argmax decoding is eval.mode=greedy.
+MIN_TEMPERATURE = 0.01
+
+
+def _check_temperature(v: Optional[float]) -> Optional[float]:
+    if v is not None and v < MIN_TEMPERATURE:
+        raise ValueError(f"must be at least {MIN_TEMPERATURE} (below it sampling is argmax in effect and the "
+                         f"log-probs of logits/temperature overflow; for argmax decoding use eval.mode=greedy)")
+    return v
 
 
 class LoRAConfig(Section):
@@ -66,13 +85,18 @@ class RolloutConfig(Section):
     group_size: int = Field(4, ge=1, description="n completions per prompt (a group)")
     max_new_tokens: int = Field(128, ge=1)
     max_prompt_tokens: int = Field(256, ge=1, description="longer prompts are an error (never silently cut)")
-    temperature: float = Field(1.0, gt=0)
+    temperature: float = Field(1.0, gt=0, description=f"≥ {MIN_TEMPERATURE} (MIN_TEMPERATURE)")
     top_p: float = Field(1.0, gt=0, le=1)
     sampler: Literal["fast", "hf"] = Field("fast", description="fast: moalign's KV-cache sampler (same outputs, "
                                            "several times faster on CPU); hf: transformers' generate")
     pack_weights: bool = Field(True, description="fast sampler on CPU: multiply by packed copies of the fp32 (MKL) "
                                "or bf16 (oneDNN) weights (1.1–1.2× faster; one more copy of the linear weights "
                                "while sampling)")
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, v):
+        return _check_temperature(v)
 
 
 class LossConfig(Section):
@@ -117,6 +141,13 @@ class OptimConfig(Section):
                              "the frozen trunk): fewer, larger calls than the update's micro-batches, ≈ 10 % faster "
                              "on a CPU (docs/performance.md); None: micro_batch_size")
 
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v):
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError("AdamW's betas must each be in [0, 1), e.g. [0.9, 0.999]")
+        return v
+
 
 class EvalConfig(Section):
     every: int = Field(0, ge=0, description="evaluate on val every k steps (0: only at start and end)")
@@ -128,6 +159,11 @@ class EvalConfig(Section):
         "expected reward the interference verdicts use); greedy: one argmax completion per prompt; both")
     samples: int = Field(4, ge=1, description="sampled mode: completions per prompt")
     temperature: Optional[float] = Field(None, gt=0, description="sampled mode; default: rollout.temperature")
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, v):
+        return _check_temperature(v)
 
 
 def _closing_bracket(text: str) -> int:
@@ -249,9 +285,9 @@ class TrainConfig(Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     steps: int = Field(8, ge=1)
-    seed: int = 0
-    run_dir: Optional[str] = Field(None, description="default: runs/<timestamp>")
-    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    seed: int = Field(0, ge=0, lt=2**32, description="0 ≤ seed < 2^32 (numpy's range)")
+    run_dir: Optional[str] = Field(None, description="default: runs/<timestamp>-<weighting>")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
     precision: Literal["fp32", "bf16-mixed", "bf16-pure"] = Field(
         "fp32", description="fp32; bf16-mixed: fp32 master weights, gradients and optimizer state, every forward, "
         "backward and the sampler in bfloat16 (engine=trl: accelerate's bf16 autocast); bf16-pure: the weights "
@@ -259,6 +295,23 @@ class TrainConfig(Section):
         "is that small)")
     threads: Optional[int] = Field(None, ge=1, description="torch CPU threads (default: all cores)")
     engine: Literal["native", "trl"] = "native"
+
+    @field_validator("run_dir")
+    @classmethod
+    def _run_dir(cls, v):
+        if v is not None and not v.strip():
+            raise ValueError("is empty; name a directory for the run (e.g. run_dir=runs/x) or leave it out for "
+                             "runs/<timestamp>-<weighting>")
+        if v is not None and "\0" in v:
+            raise ValueError("contains a NUL character; name a directory")
+        return None if v is None else str(Path(v).expanduser())  # never a folder literally named "~"
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v):
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v):
+            raise ValueError("must be auto, cpu, cuda, cuda:N (a GPU index) or mps")
+        return v
 
     @field_validator("objectives")
     @classmethod
@@ -319,7 +372,7 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         if not key:
             raise UserError(f"override {item!r} has an empty key")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = bounded_yaml.load(raw, f"override {key}") if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
         out.append((key, value))
@@ -329,16 +382,32 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
 NAMED_SECTIONS = {"model", "weighting", "estimator"}
 
 
+def read_text_file(p: Path, what: str) -> str:
+    """The UTF-8 text of file ``p`` (``what`` names it in errors: "config file")."""
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise UserError(f"{what} {p} cannot be read: {exc.strerror or exc}") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{what} {p} is not UTF-8 text (byte {raw[exc.start]:#04x} at offset {exc.start}); save it "
+                        f"as UTF-8") from None
+
+
 def load_yaml(path: str | Path) -> dict:
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise UserError(f"config file {p} not found")
+    if not p.is_file():
+        raise UserError(f"config file {p} is not a regular file; pass a YAML file")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = bounded_yaml.load(read_text_file(p, "config file"), f"config file {p}")
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise UserError(f"config file {p} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        raise UserError(f"config file {p} is not valid YAML{where}: {one_line(getattr(exc, 'problem', exc), 200)}"
+                        ) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -347,7 +416,7 @@ def load_yaml(path: str | Path) -> dict:
 
 
 def build_config(model_cls: type[BaseModel], base: dict | None = None, overrides: list[str] | None = None):
-    tree = dict(base or {})
+    tree = copy.deepcopy(base or {})  # set_dotted writes into nested sections: never into the caller's
     for key, value in parse_overrides(overrides or []):
         set_dotted(tree, key, value, NAMED_SECTIONS)
     return validate(model_cls, tree)
@@ -387,10 +456,10 @@ def format_validation_error(exc: ValidationError, model_cls: type[BaseModel]) ->
             msgs.append(f"unknown key {where!r}; valid keys here: {', '.join(valid)}")
         else:
             got = err.get("input")
-            got_s = "" if isinstance(got, dict) else f" (got {got!r})"
-            msg = err["msg"].removeprefix("Value error, ")
-            msgs.append(f"{where}: {msg}{got_s}")
-    return "config error: " + "; ".join(msgs)
+            got_s = "" if isinstance(got, dict) else f" (got {short_repr(got)})"
+            msg = one_line(err["msg"].removeprefix("Value error, "), 300)
+            msgs.append(f"{one_line(where, 100)}: {msg}{got_s}")
+    return one_line("config error: " + "; ".join(msgs))
 
 
 def dump_config(cfg: BaseModel) -> str:

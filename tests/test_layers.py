@@ -3,7 +3,7 @@ alike) goes to the same layer or one below, and no chain of imports comes back t
 
 The layers, bottom up (docs/architecture.md draws the same picture)::
 
-    errors, registry
+    errors, registry, bounded_yaml
     config, data, objectives, weighting, rl        the vocabulary: typed configs, examples, rewards, scalarizations
     diagnostics                                    what runs show: covariance law, interference, μ-PL
     models, theory                                 loading policies; exact softmax-policy problems
@@ -19,7 +19,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "moalign"
 LAYERS = [
-    {"errors", "registry", "__init__"},
+    {"errors", "registry", "bounded_yaml", "__init__"},
     {"config", "data", "objectives", "weighting", "rl"},
     {"diagnostics"},
     {"models", "theory"},

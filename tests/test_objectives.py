@@ -409,6 +409,7 @@ def test_hanging_user_function_times_out(user_module):
     ("{module}:", "nor of the form package.module:function"),
     ("={module}:boom", "empty name"),
     ({"function": "{module}:boom", "timeout_s": -1}, "timeout_s must be a positive"),
+    ({"function": "{module}:boom", "timeout_s": float("inf")}, "timeout_s must be a positive, finite number"),
     ({"function": "{module}:boom", "weight": 2}, "unknown keys \\['weight'\\]"),
     ({"timeout_s": 3}, "needs 'function'"),
 ])

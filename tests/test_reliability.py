@@ -24,7 +24,7 @@ import torch
 from test_engine import TINY
 
 from moalign.cli import main
-from moalign.config import TrainConfig, build_config
+from moalign.config import TrainConfig, build_config, dump_config
 from moalign.engine import checkpoint as ckpt
 from moalign.engine.metrics import MetricsWriter, read_metrics
 from moalign.engine.trainer import Trainer
@@ -325,9 +325,11 @@ def test_resume_and_overwrite_together_are_refused(capsys, tmp_path, crashes):
 def test_overwrite_replaces_an_existing_run(capsys, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    (run_dir / "stale.txt").write_text("from an older run")
+    (run_dir / "config.yaml").write_text(dump_config(build_config(TrainConfig, {}, TINY)))  # an older run's files
+    (run_dir / "metrics.jsonl").write_text('{"step": 7}\n')
+    (run_dir / "error.txt").write_text("from an older run")
     assert main(["train", *TINY, "steps=1", "eval.test_at_end=false", f"run_dir={run_dir}", "--overwrite"]) == 0
-    assert not (run_dir / "stale.txt").exists() and metric_steps(run_dir) == [0, 1, 1]
+    assert not (run_dir / "error.txt").exists() and metric_steps(run_dir) == [0, 1, 1]
 
 
 def test_debug_shows_the_traceback_of_a_data_error(tmp_path):

@@ -184,6 +184,11 @@ def _draw(rng: random.Random, difficulty: int) -> ArithmeticProblem:
     return ArithmeticProblem(question, steps, difficulty)
 
 
+# Draws in a row without a new problem after which the split counts as exhausted (≈ 2 s): while at least 1 in 2000
+# draws is new, that many misses in a row has probability < e⁻⁵⁰.
+GIVE_UP_AFTER_MISSES = 100_000
+
+
 def generate_problems(difficulty: int, n: int, seed: int, split: str) -> list[ArithmeticProblem]:
     """``n`` distinct problems of one split (deterministic in ``difficulty, seed, split``)."""
     if difficulty not in TEMPLATES:
@@ -191,13 +196,17 @@ def generate_problems(difficulty: int, n: int, seed: int, split: str) -> list[Ar
     rng = random.Random(f"{seed}-{difficulty}-{split}")
     problems: list[ArithmeticProblem] = []
     seen: set[str] = set()
-    for _ in range(1000 * n + 10_000):  # bounded: a finite template space cannot fill an unbounded request
-        if len(problems) == n:
-            return problems
+    misses = 0  # draws since the last new problem: a finite template space cannot fill an unbounded request
+    while len(problems) < n and misses < GIVE_UP_AFTER_MISSES:
         problem = _draw(rng, difficulty)
         if problem.question not in seen and split_of(problem.question) == split:
             seen.add(problem.question)
             problems.append(problem)
+            misses = 0
+        else:
+            misses += 1
+    if len(problems) == n:
+        return problems
     raise UserError(f"could only generate {len(problems)} distinct difficulty-{difficulty} {split} problems "
                     f"(asked for {n}); lower data.num_{split}")
 

@@ -45,6 +45,9 @@ class Splits:
         return Splits(*(examples[:max_examples] for _, examples in self.items()))
 
 
+MAX_GENERATED = 1_000_000
+
+
 class DataConfig(BaseModel):
     """Where the prompts come from.
 
@@ -58,14 +61,15 @@ class DataConfig(BaseModel):
     ``max_examples`` keeps only the first examples of every split, for quick runs.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     source: Literal["arithmetic", "math500", "files", "hub"] = "arithmetic"
     path: str | None = None
     difficulty: int = Field(1, ge=1, le=5)
-    num_train: int = Field(256, ge=1)
-    num_val: int = Field(32, ge=0)
-    num_test: int = Field(32, ge=0)
+    # arithmetic sizes; above MAX_GENERATED generating takes minutes and the easier difficulties run out of problems
+    num_train: int = Field(256, ge=1, le=MAX_GENERATED)
+    num_val: int = Field(32, ge=0, le=MAX_GENERATED)
+    num_test: int = Field(32, ge=0, le=MAX_GENERATED)
     seed: int = 0
     prompt_suffix: str = DEFAULT_PROMPT_SUFFIX
     max_examples: int | None = Field(None, ge=1)

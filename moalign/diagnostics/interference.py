@@ -297,7 +297,7 @@ def interference_table(run_dirs: Sequence[Path | str], split: Optional[str] = No
     """
     if not run_dirs:
         raise UserError("no run directories given; pass at least one directory a training run wrote")
-    unique_dirs = list(dict.fromkeys(Path(d).resolve() for d in run_dirs))  # a run passed twice is not two seeds
+    unique_dirs = list(dict.fromkeys(Path(os.path.realpath(d)) for d in run_dirs))  # a run passed twice is not two seeds
     runs = [load_run(d) for d in unique_dirs]
     split = choose_split(runs, split)
     rows = []

@@ -11,7 +11,7 @@ A run directory holds
                     scalarization ``scalarization/<objective>`` (``engine.evaluation``). Lines written without a mode
                     in the key (``eval/<split>/<objective>/per_prompt``) are greedy evaluations. Other keys are
                     ignored.
-    config.yaml     the resolved config (``objectives``: list of names, ``seed``, ...)
+    config.yaml     the resolved config (``objectives``: the objectives' specs, ``seed``, ...)
     summary.json    written by the engine (not read here)
 
 A run's verdicts use its sampled evaluations when it has them (the held-out expected reward), else its greedy ones
@@ -33,6 +33,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import yaml
 
+from moalign import bounded_yaml
 from moalign.errors import UserError
 
 METRICS_FILE = "metrics.jsonl"
@@ -123,7 +124,12 @@ class Run:
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """The records of a metrics.jsonl, one per step (lines of one step merged, later keys winning), by step."""
-    lines = [(number, line) for number, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); the "
+                        f"metrics file is corrupt") from None
+    lines = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
     by_step: dict[int, dict[str, Any]] = {}
     for position, (number, line) in enumerate(lines):
         try:
@@ -196,8 +202,8 @@ def _read_config(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        config = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
+        config = bounded_yaml.load(path.read_text(encoding="utf-8"), str(path))
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
         raise UserError(f"{path} is not valid YAML ({error.__class__.__name__}); restore the resolved config") from None
     if config is None:
         return {}
@@ -207,16 +213,33 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 
 def _objective_names(config: dict[str, Any], records: list[dict[str, Any]], run_dir: Path) -> list[str]:
-    """The config's objectives (names, or mappings with a ``name``); without a config, those seen in evaluations."""
+    """The names the run logged its objectives under: those of its fixed scalarization (``scalarization/<name>``,
+    logged by both engines at the start evaluation, in the run's order); else the config's objectives (a spec
+    ``name=package.module:function`` or ``package.module:function`` is named ``name`` or ``function``); without a
+    config, those seen in evaluations."""
+    for record in records:
+        logged = [k[len(SCALARIZATION_PREFIX):] for k in record if k.startswith(SCALARIZATION_PREFIX)]
+        if logged:
+            return logged
     if "objectives" in config:
         entries = config["objectives"]
-        names = [e["name"] if isinstance(e, dict) and "name" in e else e for e in entries or []]
+        names = [_spec_name(e) for e in entries or []] if isinstance(entries, list) else []
         if not names or not all(isinstance(n, str) for n in names):
             raise UserError(f"{run_dir / CONFIG_FILE}: 'objectives' must be a non-empty list of objective names")
         return names
     seen = {key.split("/")[-2] for record in records for key in record
             if key.startswith("eval/") and key.endswith("/per_prompt") and key.count("/") in (3, 4)}
     return sorted(seen)
+
+
+def _spec_name(entry: Any) -> Any:
+    """The name an objective spec of a config logs under (``moalign.objectives.load_objective``'s forms)."""
+    if isinstance(entry, dict):
+        entry = entry.get("name") or entry.get("function")
+    if not isinstance(entry, str):
+        return entry
+    name, equals, function = entry.strip().rpartition("=")
+    return name.strip() if equals else function.rpartition(":")[2].strip()
 
 
 def _evaluations(records: list[dict[str, Any]], objectives: list[str], split: str, mode: str,

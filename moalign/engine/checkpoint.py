@@ -7,16 +7,22 @@ later are dropped on resume, so the file never holds a duplicated step).
 Fault injection (crash tests only): ``MOALIGN_FAULT=<label>`` makes the process SIGKILL itself when it reaches the
 ``fault_point`` of that label: ``sample:<step>``, ``update:<step>`` and ``export:<step>`` in the trainer, and
 ``write:<file name>`` here, between writing a temporary file and renaming it (``write:step_0000002.pt``). Unset,
-the hook does nothing."""
+the hook does nothing.
+
+Reading runs no code: ``load_checkpoint`` uses ``torch.load(weights_only=True)``, which rebuilds tensors and plain
+containers only, with numpy's array reconstruction allow-listed (the numpy RNG state is an array). A checkpoint that
+names any other Python object is refused (``UnsafeCheckpoint``) without running it; one that cannot be read
+(``UnreadableCheckpoint``: empty, truncated, corrupt) is moved aside by ``load_latest_intact``, which resumes from
+the newest intact one."""
 
 from __future__ import annotations
 
 import os
 import random
-import shutil
+import re
 import signal
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Callable, Iterable
 
 import numpy as np
 import torch
@@ -122,9 +128,67 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=False)
+class UnsafeCheckpoint(UserError):
+    """A checkpoint that names Python objects loading would have to run."""
 
 
-def remove_run_dir(run_dir: Path) -> None:
-    shutil.rmtree(run_dir)
+class UnreadableCheckpoint(UserError):
+    """A checkpoint that is empty, truncated or corrupt (or not a checkpoint)."""
+
+
+def _numpy_array_globals() -> list:
+    """What unpickling a numpy array calls: its reconstruction function, ndarray and the dtypes."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    dtypes = {type(np.dtype(t)) for t in (np.uint32, np.int64, np.float64, np.float32, np.bool_)}
+    return [_reconstruct, np.ndarray, np.dtype, *dtypes]
+
+
+def load_checkpoint(path: Path, required: Iterable[str] = ()) -> dict[str, Any]:
+    """The state saved in ``path``, read without running code (module docstring); ``required``: keys it must hold."""
+    try:
+        with torch.serialization.safe_globals(_numpy_array_globals()):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch reports a torn file as EOFError, OSError, KeyError, struct.error, RuntimeError…
+        unsupported = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if unsupported:
+            raise UnsafeCheckpoint(
+                f"checkpoint {path} refers to {unsupported.group(1)}, which loading it would have to run (nothing "
+                f"was run): moalign's checkpoints hold only tensors and plain values, so another program wrote it or "
+                f"it was altered; delete it to resume from the checkpoint before it, or start the run again with "
+                f"--overwrite (if you trust it, resume it with the moalign version that wrote it)") from None
+        detail = (f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:120]}" if str(exc).strip() else
+                  "the file is empty" if path.stat().st_size == 0 else type(exc).__name__)
+        raise UnreadableCheckpoint(f"checkpoint {path} cannot be read ({detail})") from None
+    missing = [k for k in required if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise UnreadableCheckpoint(f"checkpoint {path} is not a moalign checkpoint (it lacks {', '.join(missing)})")
+    return state
+
+
+def load_latest_intact(run_dir: Path, required: Iterable[str] = (), warn: Callable[[str], None] = print
+                       ) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint that loads, and its state; None when there is none. Unreadable newer ones are renamed
+    ``<name>.unreadable`` (out of the checkpoint sequence, so they are neither resumed nor kept in place of an intact
+    one) and ``warn`` is told; when none can be read, nothing is moved and the error says so. An unsafe one stops
+    here (UnsafeCheckpoint): a run directory holding one was tampered with, and no older checkpoint of it is trusted
+    silently."""
+    found = sorted(checkpoint_dir(run_dir).glob("step_*.pt"))
+    unreadable = []
+    for path in reversed(found):
+        try:
+            state = load_checkpoint(path, required)
+        except UnreadableCheckpoint as exc:
+            unreadable.append((path, exc))
+            continue
+        for bad, exc in unreadable:
+            aside = bad.with_name(bad.name + ".unreadable")
+            os.replace(bad, aside)
+            warn(f"warning: {exc}; moved aside as {aside.name}, resuming from {path.name}")
+        return path, state
+    if found:
+        raise UserError(f"no checkpoint in {checkpoint_dir(run_dir)} can be read ({unreadable[0][1]}); start the "
+                        f"run again with --overwrite")
+    return None

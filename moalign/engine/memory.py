@@ -59,3 +59,75 @@ def trim_heap_if_large(threshold: int = TRIM_ABOVE_BYTES) -> bool:
     """``trim_heap`` when the process holds more than ``threshold`` bytes; ``True`` if pages were returned."""
     resident = resident_bytes()
     return resident is not None and resident > threshold and trim_heap()
+
+
+# ---- will it fit? -------------------------------------------------------------------------------------------
+
+
+def sampling_bytes(model_config, rows: int, positions: int, bytes_per_value: int) -> int | None:
+    """A lower bound on the memory that sampling ``rows`` sequences of ``positions`` tokens at once holds: the
+    key/value cache of every layer and one step's float32 logits (the model, activations and copies come on top).
+    None for a model whose config does not give its shape."""
+    try:
+        layers = int(model_config.num_hidden_layers)
+        heads = int(model_config.num_attention_heads)
+        kv_heads = int(getattr(model_config, "num_key_value_heads", None) or heads)
+        head_dim = int(getattr(model_config, "head_dim", None) or model_config.hidden_size // heads)
+        vocab = int(model_config.vocab_size)
+    except (AttributeError, TypeError, ValueError, ZeroDivisionError):
+        return None
+    return 2 * layers * kv_heads * head_dim * positions * rows * bytes_per_value + rows * vocab * 4
+
+
+def _meminfo_bytes(field: str) -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _cgroup_headroom() -> int | None:
+    """What the process's cgroup (v2) still allows, where it sets a limit."""
+    try:
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        used = int(open("/sys/fs/cgroup/memory.current").read().strip())
+    except (OSError, ValueError):
+        return None
+    return None if limit == "max" else max(0, int(limit) - used)
+
+
+def available_bytes(device) -> int | None:
+    """Memory a run on ``device`` can still take (a GPU's free memory; on a CPU the system's available memory and
+    free swap, capped by a cgroup limit); None where it cannot be known."""
+    if getattr(device, "type", "cpu") == "cuda":
+        import torch
+
+        return int(torch.cuda.mem_get_info(device)[0])
+    system = _meminfo_bytes("MemAvailable")
+    if system is None:
+        return None
+    system += _meminfo_bytes("SwapFree") or 0
+    headroom = _cgroup_headroom()
+    return system if headroom is None else min(system, headroom)
+
+
+def check_sampling_fits(model, cfg, shortest_prompt: int, device) -> None:
+    """UserError when the training batch's sampling alone needs more memory than there is (``sampling_bytes``, a lower
+    bound, against ``available_bytes``): said before the first step instead of a MemoryError minutes later."""
+    from moalign.errors import UserError
+
+    r = cfg.rollout
+    rows = r.prompts_per_step * r.group_size
+    positions = shortest_prompt + r.max_new_tokens - 1
+    need = sampling_bytes(model.config, rows, positions, 4 if cfg.precision == "fp32" else 2)
+    have = available_bytes(device)
+    if need is None or have is None or need <= have:
+        return
+    raise UserError(f"rollout.prompts_per_step × rollout.group_size = {r.prompts_per_step} × {r.group_size} = {rows} "
+                    f"sequences sampled at once need at least {need / 1e9:.1f} GB (key/value cache over {positions} "
+                    f"positions, and the logits) but {have / 1e9:.1f} GB is available; lower rollout.group_size, "
+                    f"rollout.prompts_per_step or rollout.max_new_tokens")

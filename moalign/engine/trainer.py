@@ -11,6 +11,8 @@ Crash safety: a run killed at any moment resumes from its latest checkpoint (``T
 continues exactly; ``metrics.jsonl`` is cut back to the checkpoint's offset, so no line is torn or duplicated. The
 final checkpoint (``finished``) is written after the end evaluation, so a crash during the export only redoes the
 export. ``ckpt.fault_point`` marks where the crash tests kill the process (inert unless MOALIGN_FAULT is set).
+A resume starts from the newest checkpoint that can be read (``ckpt.load_latest_intact``). A first Ctrl-C / SIGTERM
+during the loop stops after the current step and its checkpoint; a second stops at once (``engine.signals``).
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import copy
 import math
 import os
 import random
-import signal
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -51,11 +52,13 @@ from moalign.engine.evaluation import (
     score_batch,
 )
 from moalign.engine.linear_grads import LinearGradientsInPlace
-from moalign.engine.memory import trim_heap_if_large
+from moalign.engine.memory import check_sampling_fits, trim_heap_if_large
 from moalign.engine.metrics import MetricsWriter
 from moalign.engine.precision import MasterWeights, warn_if_updates_round_away
 from moalign.engine.rollout import Rollout, micro_batch_logprobs, response_logprobs
+from moalign.engine.run_dir import remove_run_entry
 from moalign.engine.sampler import fast_generate
+from moalign.engine.signals import STOP
 from moalign.engine.trunk import FrozenTrunk
 from moalign.errors import UserError
 from moalign.models import load_model, prepare_trainable, select_parameters, system_prompt_for
@@ -66,6 +69,11 @@ from moalign.weighting import StepStats, Weighting, make_weighting
 from moalign.weighting.base import per_objective_advantages
 
 tqdm_write = tqdm.write
+
+
+# what a native checkpoint holds (Trainer.state_dict); a file without these keys is not one
+CHECKPOINT_KEYS = ("step", "trainable", "optimizer", "weighting", "objectives", "stream", "rng", "skipped_steps",
+                   "metrics_offset", "eval_history")
 
 
 def seed_everything(seed: int) -> None:
@@ -164,6 +172,7 @@ class Trainer:
         model, self.tokenizer = load_model(cfg.model, cfg.precision)
         self.prompt_tokens = {name: encode_prompts(self.tokenizer, name, exs, cfg.rollout.max_prompt_tokens,
                                                    system_prompt_for(cfg.model)) for name, exs in self.splits.items()}
+        check_sampling_fits(model, cfg, min(map(len, self.prompt_tokens["train"])), self.device)
         self.reference = None
         if cfg.loss.kl_coef > 0 and cfg.model.lora is None:
             self.reference = copy.deepcopy(model).eval().requires_grad_(False).to(self.device)
@@ -192,7 +201,6 @@ class Trainer:
         self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", cfg.log.tensorboard, cfg.log.wandb,
                                      cfg.log.mlflow, run_name=self.run_dir.name, config=cfg.model_dump(mode="json"))
         self.eval_history: list[dict[str, Any]] = []
-        self._stop_signal: int | None = None
         d = cfg.diagnostics
         self.law = LawMonitor(self.objective_names, d.warn_after) if d.law else None
         self.pl = PLEstimator()
@@ -534,16 +542,21 @@ class Trainer:
         return ckpt.save_checkpoint(self.run_dir, self.step_idx, self.state_dict(), self.cfg.checkpoint.keep)
 
     def _resume(self) -> None:
-        path = ckpt.latest_checkpoint(self.run_dir)
-        if path is None:
+        found = ckpt.load_latest_intact(self.run_dir, CHECKPOINT_KEYS, warn=tqdm_write)
+        if found is None:
             return  # nothing saved yet: the run starts over (its metrics file is reset in run())
-        state = ckpt.load_checkpoint(path)
+        path, state = found
         named = dict(self.model.named_parameters())
+        saved = state["trainable"]
+        trainable = {k for k, v in named.items() if v.requires_grad}
+        if set(saved) != trainable or any(named[k].shape != v.shape for k, v in saved.items()):
+            raise UserError(f"checkpoint {path} does not hold this run's trainable parameters (other names or shapes): "
+                            f"it belongs to another model or trainable part; resume with the config it was started with")
         with torch.no_grad():
-            for k, v in state["trainable"].items():
+            for k, v in saved.items():
                 named[k].copy_(v)
         if self.master is not None:
-            self.master.load(state["trainable"])
+            self.master.load(saved)
         self.optimizer.load_state_dict(state["optimizer"])
         self.weighting.load_state_dict(state["weighting"])
         for o in self.objectives:
@@ -553,7 +566,8 @@ class Trainer:
         self.step_idx = state["step"]
         self.skipped_steps = state["skipped_steps"]
         self.eval_history = state["eval_history"]
-        self.finished = state.get("finished", False)
+        # a finished run resumed with more steps (steps may grow on resume) trains on and evaluates its new end
+        self.finished = state.get("finished", False) and self.step_idx >= self.cfg.steps
         if state.get("pl") is not None:
             self.pl.load_state_dict(state["pl"])
         if self.law is not None and state.get("law") is not None:
@@ -562,31 +576,12 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ the run
 
-    @contextmanager
-    def _graceful_signals(self):
-        def handler(signum, frame):
-            self._stop_signal = signum
-
-        previous = {}
-        in_main = hasattr(signal, "SIGTERM")
-        try:
-            for s in (signal.SIGINT, signal.SIGTERM):
-                previous[s] = signal.signal(s, handler)
-        except ValueError:  # not the main thread
-            in_main = False
-        try:
-            yield
-        finally:
-            if in_main:
-                for s, h in previous.items():
-                    signal.signal(s, h)
-
     def run(self, progress: Callable[[int, int, dict], None] | None = None) -> dict[str, Any]:
         cfg = self.cfg
         t_start = time.perf_counter()
         if self.step_idx == 0:
             self.metrics.truncate(0)
-        with self._graceful_signals():
+        with STOP.deferring():  # a first Ctrl-C / SIGTERM stops at the end of the step (engine/signals.py)
             while self.step_idx < cfg.steps:
                 record = self.step()
                 due_eval = cfg.eval.every and self.step_idx % cfg.eval.every == 0 and self.step_idx < cfg.steps
@@ -599,14 +594,17 @@ class Trainer:
                     progress(self.step_idx, cfg.steps, record)
                 if cfg.checkpoint.every and self.step_idx % cfg.checkpoint.every == 0:
                     self.save_checkpoint()
-                if self._stop_signal is not None:
+                if STOP.requested:
                     path = self.save_checkpoint()
-                    raise KeyboardInterrupt(f"stopped by signal {self._stop_signal} after step {self.step_idx}; "
+                    raise KeyboardInterrupt(f"stopped by signal {STOP.signal} after step {self.step_idx}; "
                                             f"checkpoint {path.name}")
-        if not self.finished:
-            self._evaluate_end()
-            self.finished = True
-            self.save_checkpoint()
+            if not self.finished:
+                self._evaluate_end()
+                self.finished = True
+                path = self.save_checkpoint()
+                if STOP.requested:
+                    raise KeyboardInterrupt(f"stopped by signal {STOP.signal} after the end evaluation; checkpoint "
+                                            f"{path.name} (a resume only exports the model)")
         self.export_model()
         self.metrics.close()
         return self.summary(time.perf_counter() - t_start)
@@ -638,17 +636,11 @@ class Trainer:
         model = model.merge_and_unload() if self.cfg.model.lora is not None else model
         out = self.run_dir / "model"
         tmp = self.run_dir / ".model.tmp"
-        if tmp.exists():
-            import shutil
-
-            shutil.rmtree(tmp)
+        remove_run_entry(self.run_dir, tmp.name)
         model.save_pretrained(tmp)
         self.tokenizer.save_pretrained(tmp)
         ckpt.fault_point(f"export:{self.step_idx}")
-        if out.exists():
-            import shutil
-
-            shutil.rmtree(out)
+        remove_run_entry(self.run_dir, out.name)
         os.replace(tmp, out)
 
     def summary(self, wall_s: float) -> dict[str, Any]:

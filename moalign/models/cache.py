@@ -35,4 +35,4 @@ def save_built_model(folder: Path, build: Callable[[], tuple[Any, Any]]) -> None
             if not folder.is_dir():
                 raise
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # guarded: the folder mkdtemp made for this call, nothing else

@@ -15,6 +15,7 @@ user function (see ``user``).
 
 from __future__ import annotations
 
+import math
 from typing import Any, Union
 
 from moalign.errors import UserError
@@ -68,6 +69,6 @@ def _load_from_dict(spec: dict[str, Any]) -> Objective:
             raise UserError(f"objective {spec!r} needs 'function' (package.module:function) or a built-in 'name'")
         return load_objective(str(spec["name"]))
     timeout_s = spec.get("timeout_s", DEFAULT_TIMEOUT_S)
-    if timeout_s is not None and (not isinstance(timeout_s, (int, float)) or timeout_s <= 0):
-        raise UserError(f"objective {spec!r}: timeout_s must be a positive number of seconds or null")
+    if timeout_s is not None and (not isinstance(timeout_s, (int, float)) or not 0 < timeout_s < math.inf):
+        raise UserError(f"objective {spec!r}: timeout_s must be a positive, finite number of seconds or null (no bound)")
     return load_user_objective(str(spec["function"]), name=spec.get("name"), timeout_s=timeout_s)

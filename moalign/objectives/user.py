@@ -69,9 +69,10 @@ def call_with_timeout(fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any
 
 def load_user_objective(spec: str, name: Optional[str] = None,
                         timeout_s: Optional[float] = DEFAULT_TIMEOUT_S) -> UserObjective:
-    """The objective for ``spec`` = ``package.module:function``; its name is ``name`` or the function's name."""
+    """The objective for ``spec`` = ``package.module:function``; its name is ``name`` or the function's name as the
+    spec writes it (what readers of a run derive from its config, ``diagnostics.runs``)."""
     fn = import_function(spec)
-    return UserObjective(fn, name or getattr(fn, "__name__", spec.rpartition(":")[2]), timeout_s)
+    return UserObjective(fn, name or spec.rpartition(":")[2].strip(), timeout_s)
 
 
 def import_function(spec: str) -> Callable[..., Any]:

@@ -34,6 +34,7 @@ import pandas as pd
 import yaml
 from pymoo.indicators.hv import HV
 
+from moalign import bounded_yaml
 from moalign.diagnostics.interference import (
     InterferenceReport,
     curve_means,
@@ -153,7 +154,11 @@ def load_study(path: Path | str) -> LoadedStudy:
 def _study_name(path: Path, is_study: bool) -> str:
     study_file = path / STUDY_FILE
     if is_study and study_file.is_file():
-        name = (yaml.safe_load(study_file.read_text()) or {}).get("name")
+        try:  # written by moalign, but a study directory may come from anyone
+            tree = bounded_yaml.load(study_file.read_text(encoding="utf-8", errors="replace"), str(study_file))
+        except yaml.YAMLError:
+            tree = None
+        name = tree.get("name") if isinstance(tree, dict) else None
         if name:
             return str(name)
     return path.resolve().name

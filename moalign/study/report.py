@@ -117,27 +117,35 @@ def render_html(title: str, blocks: Sequence[Block]) -> str:
     return "\n".join(parts)
 
 
+def _md(text: str) -> str:
+    """Text for Markdown that renders as written: names from runs (models, objectives, directories) may hold HTML or
+    link syntax (``<script>``, ``![x](url)``); only the report's own ``**bold**`` stays markup. One line."""
+    text = str(text).replace("\n", " ")  # a line break in a name could start a heading or a list
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return re.sub(r"([\\`\[\]])", r"\\\1", text)
+
+
 def render_markdown(title: str, blocks: Sequence[Block], figures_folder: str = "figures") -> str:
     def cell(text: str) -> str:
-        return text.replace("|", "\\|")
+        return _md(text).replace("|", "\\|")
 
-    parts = [f"# {title}"]
+    parts = [f"# {_md(title)}"]
     for b in blocks:
         if isinstance(b, Heading):
-            parts.append(f"{'#' * b.level} {b.text}")
+            parts.append(f"{'#' * b.level} {_md(b.text)}")
         elif isinstance(b, Paragraph):
-            parts.append(b.text)
+            parts.append(_md(b.text))
         elif isinstance(b, Bullets):
-            parts.append("\n".join(f"- {item}" for item in b.items))
+            parts.append("\n".join(f"- {_md(item)}" for item in b.items))
         elif isinstance(b, Table):
             lines = ["| " + " | ".join(cell(c) for c in b.columns) + " |",
                      "|" + "|".join(["---"] * len(b.columns)) + "|"]
             lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in b.rows]
             if b.caption:
-                lines.append(f"\n*{b.caption}*")
+                lines.append(f"\n*{_md(b.caption)}*")
             parts.append("\n".join(lines))
         else:
-            parts.append(f"![{b.name}]({figures_folder}/{b.name}.png)\n\n*{b.caption}*")
+            parts.append(f"![{_md(b.name)}]({figures_folder}/{b.name}.png)\n\n*{_md(b.caption)}*")
     return "\n\n".join(parts) + "\n"
 
 

@@ -13,7 +13,9 @@ Resuming is running the same command again. Each run is planned from what its di
     a checkpoint, no summary    -> resume from the checkpoint (``Trainer(cfg, run_dir, resume=True)``)
     anything else               -> start from scratch (the same call: without a checkpoint the trainer starts over)
 
-A run directory whose config.yaml differs from the study's config for it (apart from the run directory, threads and
+One ``moalign study`` at a time holds a study directory (``.moalign-study.lock``), and a run's directory is locked
+while it trains (``engine.run_dir.RunLock``). A resumed run reads its checkpoint without running code
+(``engine.checkpoint``). A run directory whose config.yaml differs from the study's config for it (apart from the run directory, threads and
 logging) stops the study before anything runs: continuing would mix two studies under one name. Finished runs are
 never touched. A run that fails is recorded (``error.txt`` in its directory, ``failed`` in runs.csv) and the study
 goes on; the failures are reported at the end.
@@ -44,13 +46,14 @@ import yaml
 
 from moalign.config import TrainConfig
 from moalign.engine.checkpoint import latest_checkpoint
-from moalign.engine.run_dir import write_atomically, write_config, write_summary
+from moalign.engine.run_dir import RunLock, write_atomically, write_config, write_summary
 from moalign.errors import UserError
 from moalign.study.findings import SUMMARY_FILE, results_table
 from moalign.study.findings import load_study as load_finished_runs
 from moalign.study.grid import PlannedRun, StudySpec, load_study
 
 Plan = Literal["done", "resume", "start"]
+STUDY_LOCK_FILE = ".moalign-study.lock"
 # Config keys that may differ between a run directory and the study without changing what the run computes.
 INCIDENTAL_KEYS = ("run_dir", "threads", "log")
 
@@ -68,18 +71,19 @@ class TrainFn(Protocol):
 def train_run(cfg: TrainConfig, run_dir: Path, resume: bool, on_step: Callable[[int], None]) -> dict[str, Any]:
     """One run on the config's engine, with the summary written as ``moalign train`` writes it. TRL reports no
     steps on the way (its run directory resumes from its own checkpoints)."""
-    if cfg.engine == "trl":
-        from moalign.integrations.trl import train_with_trl
+    with RunLock(run_dir):  # a `moalign train --resume` on the same run directory is refused, and vice versa
+        if cfg.engine == "trl":
+            from moalign.integrations.trl import train_with_trl
 
-        summary = train_with_trl(cfg, run_dir)
-        on_step(cfg.steps)
+            summary = train_with_trl(cfg, run_dir)
+            on_step(cfg.steps)
+            return summary
+        from moalign.engine.trainer import Trainer
+
+        trainer = Trainer(cfg, run_dir, resume=resume)
+        summary = trainer.run(lambda step, total, record: on_step(step))
+        write_summary(run_dir, summary)
         return summary
-    from moalign.engine.trainer import Trainer
-
-    trainer = Trainer(cfg, run_dir, resume=resume)
-    summary = trainer.run(lambda step, total, record: on_step(step))
-    write_summary(run_dir, summary)
-    return summary
 
 
 def plan_run(run_dir: Path) -> Plan:
@@ -105,7 +109,9 @@ def check_run_dir_matches(run: PlannedRun) -> None:
     saved = run.run_dir / "config.yaml"
     if not saved.is_file():
         return
-    old = _comparable(yaml.safe_load(saved.read_text()) or {})
+    from moalign.config import load_yaml
+
+    old = _comparable(load_yaml(saved))
     new = _comparable(run.config.model_dump(mode="json"))
     if old != new:
         differing = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
@@ -237,7 +243,17 @@ def run_study(config: str | Path, out_dir: str | Path | None = None, dry_run: bo
         console.print("dry run: every config, data set, objective and weighting validated; no model was loaded")
         return study_dir
 
-    study_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        study_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create study directory {study_dir}: {exc.strerror or exc}; choose a writable --out"
+                        ) from None
+    with RunLock(study_dir, STUDY_LOCK_FILE):  # one `moalign study` per study directory at a time
+        return _run_locked(spec, study_dir, runs, plans, total_steps, train_fn, console)
+
+
+def _run_locked(spec: StudySpec, study_dir: Path, runs: list[PlannedRun], plans: dict[str, Plan], total_steps: int,
+                train_fn: TrainFn, console) -> Path:
     write_study_file(study_dir, spec, runs)
     earlier = previous_wall_times(study_dir)
     records = [RunRecord(r.name, "done" if plans[r.name] == "done" else "pending", earlier.get(r.name, 0.0),

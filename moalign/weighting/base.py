@@ -52,9 +52,10 @@ class StepStats:
 
 
 class WeightingParams(BaseModel):
-    """Hyperparameters of a weighting. Subclasses add fields with the authors' defaults."""
+    """Hyperparameters of a weighting. Subclasses add fields with the authors' defaults. Every number must be finite
+    (``.inf`` / ``.nan`` are refused)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 def fill_missing(rewards: torch.Tensor) -> torch.Tensor:

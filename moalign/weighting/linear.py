@@ -24,6 +24,9 @@ class LinearParams(WeightingParams):
     def _non_negative(cls, v):
         if v is not None and any(x < 0 for x in v):
             raise ValueError("weights must be non-negative")
+        if v is not None and v and not any(x > 0 for x in v):
+            raise ValueError("weights are all 0: no objective would give a training signal; give at least one "
+                             "objective a positive weight")
         return v
 
 

@@ -29,7 +29,13 @@ from moalign.engine.evaluation import (
 from moalign.engine.memory import trim_heap_if_large
 from moalign.engine.metrics import MetricsWriter, read_metrics
 from moalign.engine.precision import warn_if_updates_round_away
-from moalign.engine.run_dir import prepare_run_dir, print_summary, write_config, write_summary
+from moalign.engine.run_dir import (
+    prepare_run_dir,
+    print_summary,
+    remove_run_entry,
+    write_config,
+    write_summary,
+)
 from moalign.errors import UserError
 from moalign.integrations.trl.plan import check_trl_overrides, plan_trl_run
 from moalign.integrations.trl.trainer import MultiObjectiveGRPOTrainer
@@ -239,12 +245,10 @@ class RunInputs:
 def export_model(trainer: MultiObjectiveGRPOTrainer, tokenizer: Any, run_dir: Path, lora: bool) -> None:
     """The trained policy as ``run_dir/model`` (LoRA merged into the base model), written under a temporary name and
     renamed. ``save_model`` runs on every process: under ZeRO-3 / FSDP it gathers the sharded weights."""
-    import shutil
-
     is_main = trainer.accelerator.is_main_process
     tmp, out = run_dir / ".model.tmp", run_dir / "model"
-    if is_main and tmp.exists():
-        shutil.rmtree(tmp)
+    if is_main:
+        remove_run_entry(run_dir, tmp.name)
     if lora:
         if is_main:
             trainer.accelerator.unwrap_model(trainer.model).merge_and_unload().save_pretrained(tmp)
@@ -253,8 +257,7 @@ def export_model(trainer: MultiObjectiveGRPOTrainer, tokenizer: Any, run_dir: Pa
         trainer.save_model(str(tmp))
     trainer.accelerator.wait_for_everyone()
     if is_main:
-        if out.exists():
-            shutil.rmtree(out)
+        remove_run_entry(run_dir, out.name)
         os.replace(tmp, out)
 
 
@@ -272,10 +275,15 @@ def train_from_cli(cfg, args) -> int:
         raise UserError("under a launcher every process must name the same run directory: pass run_dir=...")
     run_dir = Path(cfg.run_dir)
     is_main = int(os.environ.get("RANK", "0")) == 0
-    if is_main:
-        prepare_run_dir(run_dir, bool(args.resume), args.overwrite)
+    lock = None
+    if is_main:  # the main process holds the run directory's lock until the run ends
+        lock = prepare_run_dir(run_dir, bool(args.resume), args.overwrite).lock
         write_config(run_dir, cfg)
-    summary = train_with_trl(cfg, run_dir, trl_overrides)
+    try:
+        summary = train_with_trl(cfg, run_dir, trl_overrides)
+    finally:
+        if lock is not None:
+            lock.release()
     if is_main:
         print_summary(summary, run_dir)
     return 0

@@ -250,7 +250,7 @@ class MultiObjectiveGRPOTrainer(GRPOTrainer):
         if not path.is_file():
             logger.warning("%s has no %s: the weighting and objectives start fresh", checkpoint, STATE_FILE)
             return
-        self.load_moalign_state(load_checkpoint(path))
+        self.load_moalign_state(load_checkpoint(path, required=("weighting", "objectives")))
 
     # ---- the weighting update, once per generation cycle
 
