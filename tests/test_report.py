@@ -79,13 +79,13 @@ def test_findings_are_generated_from_the_verdicts(three_algorithms):
     assert finding.clauses[0].startswith(f"Under linear, conciseness ({lost}) degrades on held-out prompts while "
                                          f"accuracy ({solved}) and clarity ({solved}) rise; the λ0-scalarized score "
                                          f"rises (")
-    assert finding.clauses[0].endswith("): **interference** (2 of 2 runs interfere on their own).")
+    assert finding.clauses[0].endswith("): **interference**; 2 of 2 runs interfere on their own.")
     # conciseness's +0.1 (2 of 20 prompts) is not detected: its interval contains 0
     assert finding.clauses[1].startswith(f"Under ctwa, accuracy ({solved}) rises on held-out prompts; no effect "
                                          f"detected on conciseness ({gained}) and clarity (+0.000 [+0.000, +0.000]); "
                                          f"the λ0-scalarized score rises (")
     assert finding.clauses[2] == ("Under mgda, no effect detected on any objective or on the λ0-scalarized score "
-                                  "(every interval contains 0) (0 of 2 runs interfere on their own).")
+                                  "(every interval contains 0); 0 of 2 runs interfere on their own.")
     assert finding.contrast == (f"Conciseness, which degrades under linear ({lost}): no effect detected under ctwa "
                                 f"({gained}) and mgda (+0.000 [+0.000, +0.000]).")
 
@@ -188,10 +188,11 @@ def test_step_law_below_the_probe_resolution_says_what_probe_would_resolve_it(tm
     assert [b.pairs for b in scale.bins] == [25, 25] and scale.completions == 16
     assert scale.bins[1].signal == pytest.approx(0.015) and not scale.resolved_bins
     assert scale.completions_to_resolve() == pytest.approx(16 * (0.02 / 0.015) ** 2)
-    sentence = agreement.describe_scale(scale, evidence.step_pairs)
+    sentence = agreement.describe_scale(scale)
     assert "16 completions per measurement: no bin's realised changes exceed their noise" in sentence
     assert "not measurable" in sentence
-    assert "takes ≈ 28 completions per measurement (diagnostics.probe_prompts × diagnostics.probe_group_size)" in sentence
+    assert ("takes ≈ 28 completions per measurement (diagnostics.probe_prompts × diagnostics.probe_group_size, now "
+            "16)") in sentence
 
 
 def test_resolved_bins_report_their_agreement(tmp_path):
@@ -204,7 +205,7 @@ def test_resolved_bins_report_their_agreement(tmp_path):
            "realised_se/accuracy": [0.02] * steps, "probe_completions": [16] * steps}
     write_run(tmp_path / "r", tiny_config("ctwa", 0, steps=steps, eval_every=25), {"accuracy": (HALF, ONES)}, law=law)
     evidence = agreement.law_evidence(findings.load_study(tmp_path / "r").runs)
-    sentence = agreement.describe_scale(evidence.step, evidence.step_pairs)
+    sentence = agreement.describe_scale(evidence.step)
     ci = wilson_interval(20, 25)
     assert (f"the realised changes exceed their noise in 1 of 2 bins (|predicted| ≥ {predicted[25]:.3g}); there the "
             f"predicted change's sign agrees with the realised one in 0.80 [{ci[0]:.2f}, {ci[1]:.2f}] of 25 pairs"

@@ -280,7 +280,8 @@ def test_findings_on_hand_built_runs(study_dir):
     assert linear.degraded_objectives == ["clarity"] and linear.interference is True
     assert by_algorithm["ctwa"].reports["test"].interference is False
     assert by_algorithm["ctwa"].reports["test"].verdict == "improvement"
-    assert findings.interference_rates(f.runs, "test", "algorithm") == {"linear": (2, 2), "ctwa": (0, 2)}
+    assert findings.own_verdicts([by_algorithm["linear"]], "test") == (2, 2)
+    assert findings.own_verdicts([by_algorithm["ctwa"]], "test") == (0, 2)
 
     (pareto,) = f.pareto.values()
     assert [c.label for c, on in zip(pareto.configs, pareto.on_front) if on] == ["ctwa"]
@@ -303,8 +304,8 @@ def test_findings_on_hand_built_runs(study_dir):
     assert finding.clauses[0].startswith(f"Under linear, clarity ({clarity_text}) degrades on held-out prompts while "
                                          f"accuracy (+0.500 [")
     assert "the λ0-scalarized score rises (+0.200 [" in finding.clauses[0]
-    assert finding.clauses[0].endswith(": **interference** (2 of 2 runs interfere on their own).")
-    assert finding.clauses[1].endswith(": **improvement** (0 of 2 runs interfere on their own).")
+    assert finding.clauses[0].endswith(": **interference**; 2 of 2 runs interfere on their own.")
+    assert finding.clauses[1].endswith(": **improvement**; 0 of 2 runs interfere on their own.")
     gain = stats.ttest_1samp(np.array([0.0] * 10 + [1.0] * 2 + [0.0] * 8), 0.0).confidence_interval(0.95)
     assert finding.contrast == (f"Clarity, which degrades under linear ({clarity_text}): no effect detected under ctwa "
                                 f"(+0.100 [−{-gain.low:.3f}, +{gain.high:.3f}]).")

@@ -242,13 +242,18 @@ def agreement_bin(predicted: np.ndarray, realised: np.ndarray, se: np.ndarray, c
                         pearson(p.tolist(), r.tolist()), noise, signal, confidence)
 
 
-def agreement_bins(predicted: Sequence[float], realised: Sequence[float], se: Sequence[float], num_bins: int = 4,
-                   min_pairs: int = 25, confidence: float = 0.95) -> list[AgreementBin]:
-    """Pairs split into bins of equal count by |predicted| (smallest first): at most ``num_bins``, each with at least
-    ``min_pairs`` pairs (one bin when there are fewer)."""
-    p, r, se = (np.asarray(x, dtype=float) for x in (predicted, realised, se))
+def bin_parts(predicted: Sequence[float], num_bins: int = 4, min_pairs: int = 25) -> list[np.ndarray]:
+    """Indices of the pairs in each bin: bins of equal count by |predicted| (smallest first), at most ``num_bins``,
+    each with at least ``min_pairs`` pairs (one bin when there are fewer)."""
+    p = np.asarray(predicted, dtype=float)
     if not len(p):
         return []
     bins = max(1, min(num_bins, len(p) // min_pairs))
-    order = np.argsort(np.abs(p), kind="stable")
-    return [agreement_bin(p[part], r[part], se[part], confidence) for part in np.array_split(order, bins)]
+    return np.array_split(np.argsort(np.abs(p), kind="stable"), bins)
+
+
+def agreement_bins(predicted: Sequence[float], realised: Sequence[float], se: Sequence[float], num_bins: int = 4,
+                   min_pairs: int = 25, confidence: float = 0.95) -> list[AgreementBin]:
+    """``agreement_bin`` of each of ``bin_parts``."""
+    p, r, se = (np.asarray(x, dtype=float) for x in (predicted, realised, se))
+    return [agreement_bin(p[part], r[part], se[part], confidence) for part in bin_parts(p, num_bins, min_pairs)]

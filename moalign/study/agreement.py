@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Optional, Sequence
 
 import numpy as np
 
 from moalign.diagnostics.crossed import change_interval
-from moalign.diagnostics.law import AgreementBin, agreement_bin, agreement_bins
+from moalign.diagnostics.law import AgreementBin, agreement_bin, bin_parts
 
 PROBE = "step"  # the per-step probe
 EVALUATION = "interval"  # the held-out evaluation, per interval between evaluations
@@ -97,29 +98,37 @@ def interval_pairs(run, split: str = "val") -> LawPairs:
 
 @dataclass(frozen=True)
 class LawScale:
-    """The law's agreement at one scale over a set of runs."""
+    """The law's agreement at one scale over a set of runs: the pooled pairs, their bins by |predicted| and each
+    algorithm's pairs."""
 
     scale: str  # PROBE or EVALUATION
-    bins: list[AgreementBin]  # pooled over runs, by |predicted|
+    predicted: np.ndarray  # pooled over runs and objectives
+    realised: np.ndarray
+    se: np.ndarray
+    parts: list[np.ndarray]  # indices of each bin's pairs, smallest |predicted| first
     algorithms: dict[str, AgreementBin]  # all pairs of each algorithm
     completions: Optional[int]  # behind each realised change (when every run used the same number)
 
+    def _of(self, index: np.ndarray) -> AgreementBin:
+        return agreement_bin(self.predicted[index], self.realised[index], self.se[index])
+
+    @cached_property
+    def bins(self) -> list[AgreementBin]:
+        return [self._of(part) for part in self.parts]
+
     @property
-    def pairs(self) -> int:
-        return sum(b.pairs for b in self.bins)
+    def pooled(self) -> AgreementBin:
+        """Every pair together."""
+        return self._of(np.arange(len(self.predicted)))
 
     @property
     def resolved_bins(self) -> list[AgreementBin]:
         return [b for b in self.bins if b.resolved]
 
-    def resolved(self, pairs: Sequence[LawPairs]) -> Optional[AgreementBin]:
-        """The statistics of every pair whose |predicted| lies in a resolved bin (None when no bin is)."""
-        ranges = [(b.low, b.high) for b in self.resolved_bins]
-        if not ranges:
-            return None
-        chosen = [(p, r, s) for x in pairs for p, r, s in zip(x.predicted, x.realised, x.se)
-                  if any(low <= abs(p) <= high for low, high in ranges)]
-        return agreement_bin(*map(np.array, zip(*chosen)))
+    def resolved(self) -> Optional[AgreementBin]:
+        """The pairs of every resolved bin together (None when no bin is)."""
+        index = [part for part, b in zip(self.parts, self.bins) if b.resolved]
+        return self._of(np.concatenate(index)) if index else None
 
     def completions_to_resolve(self) -> Optional[float]:
         """Completions per realised change at which the bin of the largest predictions would be resolved (noise
@@ -130,39 +139,38 @@ class LawScale:
         return self.completions * (top.noise / top.signal) ** 2
 
 
+def _pooled(pairs: Sequence[LawPairs]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return tuple(np.array([v for x in pairs for v in getattr(x, f)], dtype=float)
+                 for f in ("predicted", "realised", "se"))
+
+
 def law_scale(pairs: Sequence[LawPairs], scale: str, num_bins: int = 4) -> Optional[LawScale]:
     """Binned and per-algorithm agreement of ``pairs`` (None when no run has a pair at this scale)."""
     pairs = [x for x in pairs if x.predicted]
     if not pairs:
         return None
-    joined = [sum((getattr(x, field) for x in pairs), []) for field in ("predicted", "realised", "se")]
+    predicted, realised, se = _pooled(pairs)
     by_algorithm: dict[str, list[LawPairs]] = {}
     for x in pairs:
         by_algorithm.setdefault(x.algorithm, []).append(x)
-    algorithms = {a: agreement_bin(*(np.array(sum((getattr(x, f) for x in members), []))
-                                     for f in ("predicted", "realised", "se")))
-                  for a, members in by_algorithm.items()}
+    algorithms = {a: agreement_bin(*_pooled(members)) for a, members in by_algorithm.items()}
     sizes = {x.completions for x in pairs}
-    return LawScale(scale, agreement_bins(*joined, num_bins=num_bins), algorithms,
+    return LawScale(scale, predicted, realised, se, bin_parts(predicted, num_bins), algorithms,
                     sizes.pop() if len(sizes) == 1 else None)
 
 
 @dataclass(frozen=True)
 class LawEvidence:
-    """The law at both scales for the runs of a study."""
+    """The law at both scales for the runs of a study (None where no run has a pair at that scale)."""
 
     step: Optional[LawScale]
     interval: Optional[LawScale]
-    step_pairs: list[LawPairs]
-    interval_pairs: list[LawPairs]
 
 
 def law_evidence(runs: Sequence, num_bins: int = 4) -> Optional[LawEvidence]:
     """None when no run logged a prediction (the law monitor was off)."""
-    steps = [step_pairs(r) for r in runs]
-    intervals = [interval_pairs(r) for r in runs]
-    evidence = LawEvidence(law_scale(steps, PROBE, num_bins), law_scale(intervals, EVALUATION, num_bins),
-                           steps, intervals)
+    evidence = LawEvidence(law_scale([step_pairs(r) for r in runs], PROBE, num_bins),
+                           law_scale([interval_pairs(r) for r in runs], EVALUATION, num_bins))
     return evidence if evidence.step or evidence.interval else None
 
 
@@ -187,21 +195,20 @@ def join_ranges(bins: Sequence[AgreementBin]) -> str:
     return ", ".join(f"{b.low:.3g}–{b.high:.3g}" for b in bins)
 
 
-def describe_scale(scale: LawScale, pairs: Sequence[LawPairs]) -> str:
+def describe_scale(scale: LawScale) -> str:
     """One generated sentence: where the law's agreement is measurable at this scale and what it is, or why it is
     not measurable and what probe size would resolve it."""
     where = WHERE[scale.scale]
-    size = f"{scale.completions} completions per measurement" if scale.completions else "probe size not logged"
+    size = f"{scale.completions} completions per measurement" if scale.completions else "measurement size not logged"
     bins = scale.bins
     if not all(math.isfinite(b.noise) for b in bins):
-        total = agreement_bin(*(np.array(sum((getattr(x, f) for x in pairs), [])) for f in ("predicted", "realised",
-                                                                                             "se")))
+        total = scale.pooled
         return (f"{where}: sign agreement {_ratio(total.sign_agreement, total.sign_agreement_ci)} over {total.signed} "
                 f"pairs, correlation {_correlation(total)}; the realised changes' standard errors were not logged, so "
                 f"whether they resolve the predicted changes is unknown.")
     resolved = scale.resolved_bins
     if resolved:
-        pooled = scale.resolved(pairs)
+        pooled = scale.resolved()
         span = (f"|predicted| ≥ {resolved[0].low:.3g}" if resolved == bins[len(bins) - len(resolved):] else
                 "|predicted| in " + join_ranges(resolved))
         text = (f"{where}, {size}: the realised changes exceed their noise in {len(resolved)} of {len(bins)} bins "
@@ -221,8 +228,8 @@ def describe_scale(scale: LawScale, pairs: Sequence[LawPairs]) -> str:
             f"{top.signal:.2g} against noise {top.noise:.2g}), so the law's agreement is not measurable here")
     needed = scale.completions_to_resolve()
     if needed is not None:
-        text += (f"; resolving the largest predicted changes takes ≈ {needed:,.0f} completions per measurement "
-                 f"({SIZE_KNOB[scale.scale]})")
+        text += (f"; resolving the largest predicted changes takes ≈ {float(f'{needed:.2g}'):,.0f} completions per "
+                 f"measurement ({SIZE_KNOB[scale.scale]}, now {scale.completions})")
     else:
         text += (f"; the largest predictions show no change beyond the noise, so the size of "
                  f"{SIZE_KNOB[scale.scale]} that would resolve them is unknown")

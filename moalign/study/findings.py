@@ -237,17 +237,6 @@ def run_interference(run: StudyRun, split: str) -> Optional[bool]:
         return None
 
 
-def interference_rates(runs: Sequence[StudyRun], split: str, by: str) -> dict[str, tuple[int, int]]:
-    """Per value of the factor ``by`` (e.g. "algorithm"): (runs that interfere, runs with a verdict)."""
-    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    for r in runs:
-        verdict = run_interference(r, split)
-        if verdict is not None:
-            counts[getattr(r, by)][0] += int(verdict)
-            counts[getattr(r, by)][1] += 1
-    return {k: (v[0], v[1]) for k, v in counts.items()}
-
-
 # ------------------------------------------------------------------------------------------------ Pareto
 
 
@@ -477,7 +466,7 @@ def describe_configs(configs: Sequence[ConfigResult], split: str) -> list[str]:
         group = still if id(c) in quiet else [c]
         text = NO_EFFECT if id(c) in quiet else f"{describe_moves(c.reports[split])}: **{c.reports[split].verdict}**"
         count = own_verdicts(group, split)
-        runs = "" if count is None else f" ({count[0]} of {count[1]} runs interfere on their own)"
+        runs = "" if count is None else f"; {count[0]} of {count[1]} runs interfere on their own"
         clauses.append(f"Under {join([g.label for g in group])}, {text}{runs}.")
     return clauses
 

@@ -31,11 +31,9 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from moalign.diagnostics.law import AgreementBin
-from moalign.study.agreement import EVALUATION, PROBE, LawScale, describe_scale
+from moalign.study.agreement import EVALUATION, LawScale, describe_scale
 from moalign.study.findings import (
-    ConfigResult,
     Findings,
-    ParetoSet,
     StudyRun,
     comparison_key,
     cost_rows,
@@ -435,12 +433,10 @@ def law_blocks(f: Findings) -> list[Block]:
         "the training batch. A realised change says something about the law only when it is larger than the noise "
         "of its measurement, so the pairs are binned by the size of the prediction and agreement is read where the "
         "realised changes are resolved.")]
-    for scale, pairs, title in ((law.interval, law.interval_pairs, "Per evaluation interval"),
-                                (law.step, law.step_pairs, "Per step (probe)")):
-        if scale is None:
-            continue
-        blocks += [Heading(title, 3), Paragraph(describe_scale(scale, pairs)), law_bin_table(scale),
-                   law_algorithm_table(scale)]
+    for scale, title in ((law.interval, "Per evaluation interval"), (law.step, "Per step (probe)")):
+        if scale is not None:
+            blocks += [Heading(title, 3), Paragraph(describe_scale(scale)), law_bin_table(scale),
+                       law_algorithm_table(scale)]
     return blocks
 
 
@@ -536,10 +532,8 @@ def build_blocks(f: Findings) -> list[Block]:
         if finding.contrast:
             blocks.append(Paragraph(finding.contrast))
         blocks.append(Paragraph(finding.summary))
-    law = f.law
-    if law is not None and (law.interval or law.step):
-        scale, pairs = (law.interval, law.interval_pairs) if law.interval else (law.step, law.step_pairs)
-        blocks.append(Paragraph(f"**Covariance law.** {describe_scale(scale, pairs)}"))
+    if f.law is not None:
+        blocks.append(Paragraph(f"**Covariance law.** {describe_scale(f.law.interval or f.law.step)}"))
 
     blocks.append(Heading("Held-out expected reward"))
     for estimator in f.values_of("estimator"):
