@@ -7,7 +7,8 @@ import dataclasses
 import pytest
 import torch
 
-from moalign.engine.evaluation import eval_cost, eval_uniforms, fixed_scalarization
+from moalign.diagnostics.runs import eval_cost
+from moalign.engine.evaluation import eval_uniforms, fixed_scalarization
 from moalign.engine.metrics import read_metrics
 from moalign.engine.trainer import Trainer
 from test_engine import tiny_config

@@ -97,3 +97,45 @@ def test_probe_realised_change_on_exact_theory_problem():
     for j, name in enumerate(["r1", "r2"]):
         assert out[f"law/realised/{name}"] / eta == pytest.approx(observed[f"law/cov_s/{name}"], rel=1e-3)
     assert out["law/sign_agreement"] == 1.0
+
+
+def test_probe_change_and_its_standard_error_from_paired_completions():
+    mon = LawMonitor(["a", "b"])
+    r = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
+    adv = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    mon.observe_step(stats(r, adv, adv))
+    before = torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0], [math.nan, 0.0]])
+    after = torch.tensor([[1.0, 1.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    out = mon.realise(before, after)
+    # a: paired changes 0, 1, −1 (the fourth is missing): mean 0, sd 1, se 1/√3; b: 1, 0, 0, 0: mean 0.25, se 0.5/2
+    assert out["law/realised/a"] == pytest.approx(0.0) and out["law/realised_se/a"] == pytest.approx(1 / math.sqrt(3))
+    assert out["law/realised/b"] == pytest.approx(0.25) and out["law/realised_se/b"] == pytest.approx(0.25)
+    assert out["law/probe_completions"] == 4
+
+
+def test_the_engine_probe_draws_on_common_random_numbers_and_logs_its_noise(tmp_path):
+    """Every probe measurement of a run samples completion k of probe prompt i with the same uniforms (the run's
+    "probe" stream), so successive measurements are paired; the run logs the realised change's standard error."""
+    from moalign.engine.evaluation import eval_uniforms
+    from moalign.engine.metrics import read_metrics
+    from moalign.engine.trainer import Trainer
+    from test_engine import tiny_config
+
+    cfg = tiny_config("diagnostics.probe_prompts=2", "diagnostics.probe_group_size=3", "seed=5")
+    (tmp_path / "run").mkdir()
+    trainer = Trainer(cfg, tmp_path / "run")
+    draws = []
+    generate = trainer.generate
+
+    def spy(*args, **kwargs):
+        if kwargs.get("uniforms") is not None:
+            draws.append(kwargs["uniforms"])
+        return generate(*args, **kwargs)
+
+    trainer.generate = spy
+    trainer.run()
+    expected = eval_uniforms(5, "probe", 2, 3, cfg.rollout.max_new_tokens)
+    assert len(draws) == 3 and all(torch.equal(d, expected) for d in draws)  # before step 1, after steps 1 and 2
+    records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "law/realised_se/accuracy" in r]
+    assert len(records) == 2 and all(r["law/probe_completions"] == 6 for r in records)
+    assert all(r["law/realised_se/accuracy"] >= 0 for r in records)

@@ -192,10 +192,11 @@ def tiny_config(weighting: str, seed: int, steps: int = 4, eval_every: int = 2, 
 
 def write_run(run_dir: Path, cfg: TrainConfig, curves: dict[str, tuple[np.ndarray, np.ndarray]],
               score_gain: float = 0.5, law: dict[str, list[float]] | None = None, step_s: float = 1.0,
-              finished: bool = True) -> None:
+              finished: bool = True, extra: dict[int, dict] | None = None) -> None:
     """A run directory in the engine's format for ``cfg``: val evaluated at step 0, every ``cfg.eval.every`` steps and
     at the end, test at 0 and at the end; ``curves[objective] = (start, end)`` per-prompt scores (val and test alike).
-    ``config.yaml`` is written unless the directory already has one (the runner writes it before training)."""
+    ``extra[step]`` is added to that step's line. ``config.yaml`` is written unless the directory already has one
+    (the runner writes it before training)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = cfg.model_copy(update={"objectives": list(curves), "run_dir": str(run_dir)})
     if not (run_dir / "config.yaml").is_file():
@@ -221,6 +222,8 @@ def write_run(run_dir: Path, cfg: TrainConfig, curves: dict[str, tuple[np.ndarra
             if values[step - 1] is not None:
                 record[f"law/{key}"] = values[step - 1]
         lines.append(record)
+    for step, values in (extra or {}).items():
+        lines.append({"step": step, **values})
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     if finished:
         (run_dir / "summary.json").write_text(json.dumps({"steps": steps}))
@@ -277,27 +280,36 @@ def test_findings_on_hand_built_runs(study_dir):
     assert linear.degraded_objectives == ["clarity"] and linear.interference is True
     assert by_algorithm["ctwa"].reports["test"].interference is False
     assert by_algorithm["ctwa"].reports["test"].verdict == "improvement"
-    assert findings.interference_rates(f.runs, "test", "algorithm") == {"linear": (2, 2), "ctwa": (0, 2)}
+    assert findings.own_verdicts([by_algorithm["linear"]], "test") == (2, 2)
+    assert findings.own_verdicts([by_algorithm["ctwa"]], "test") == (0, 2)
 
     (pareto,) = f.pareto.values()
     assert [c.label for c, on in zip(pareto.configs, pareto.on_front) if on] == ["ctwa"]
-    # ctwa's end (1.0, 0.8, 0.6) dominates linear's, so the set's volume is ctwa's box over the start (0.5, 0.5, 0.5)
-    assert pareto.hypervolume == pytest.approx(0.5 * 0.3 * 0.1)
+    # Starts (0.5, 0.5, 0.5); ends linear (1.0, 0.8, 0.3), ctwa (1.0, 0.8, 0.6). Reference: each objective's lowest
+    # value minus 10% of its range: (0.5 − 0.05, 0.5 − 0.03, 0.3 − 0.03); ideal (1.0, 0.8, 0.6); box 0.55·0.33·0.33.
+    assert pareto.reference == pytest.approx([0.45, 0.47, 0.27])
+    box = 0.55 * 0.33 * 0.33
+    assert pareto.of(by_algorithm["linear"]) == pytest.approx((0.05 * 0.03 * 0.23 / box, 0.55 * 0.33 * 0.03 / box))
+    assert pareto.hypervolume == pytest.approx(1.0)  # ctwa's end is the ideal point: it fills the box
     assert pareto.start == pytest.approx([0.5, 0.5, 0.5])
 
     (finding,) = f.findings()
     assert finding.head.startswith("**tiny** (grpo; objectives accuracy+conciseness+clarity; test split; 2 seed(s)")
-    assert [c.split(",")[0] for c in finding.clauses] == ["under linear", "under ctwa"]  # the baseline first
-    text = " ".join([*finding.clauses, finding.summary])
+    assert finding.overview == "Verdicts (seeds pooled): interference under linear; improvement under ctwa."
+    assert [c.split(",")[0] for c in finding.clauses] == ["Under linear", "Under ctwa"]  # the baseline first
     # identical seeds: no seed variance; the interval is the paired t over the 20 prompts (4 of them lose 1)
     clarity = -np.array([1.0] * 4 + [0.0] * 16)
     ci = stats.ttest_1samp(clarity, 0.0).confidence_interval(0.95)
-    assert (f"under linear, clarity degrades by 0.200 [CI −{-ci.low:.3f}, −{-ci.high:.3f}] while accuracy rises by "
-            f"0.500") in text
-    assert "the λ0-scalarized score rises by 0.200" in text
-    assert "interference in 2 of 2 runs, yes with its 2 seeds pooled" in text
-    assert "interference in 0 of 2 runs, no with its 2 seeds pooled" in text
-    assert "Chosen on val by hypervolume: ctwa" in text
+    clarity_text = f"−0.200 [−{-ci.low:.3f}, −{-ci.high:.3f}]"
+    assert finding.clauses[0].startswith(f"Under linear, clarity ({clarity_text}) degrades on held-out prompts while "
+                                         f"accuracy (+0.500 [")
+    assert "the λ0-scalarized score rises (+0.200 [" in finding.clauses[0]
+    assert finding.clauses[0].endswith(": **interference**; 2 of 2 runs interfere on their own.")
+    assert finding.clauses[1].endswith(": **improvement**; 0 of 2 runs interfere on their own.")
+    gain = stats.ttest_1samp(np.array([0.0] * 10 + [1.0] * 2 + [0.0] * 8), 0.0).confidence_interval(0.95)
+    assert finding.contrast == (f"Clarity, which degrades under linear ({clarity_text}): no effect detected under ctwa "
+                                f"(+0.100 [−{-gain.low:.3f}, +{gain.high:.3f}]).")
+    assert "Chosen on val by hypervolume: ctwa (1.000)" in finding.summary
 
 
 def test_algorithms_that_move_nothing_share_one_clause(tmp_path):
@@ -308,39 +320,18 @@ def test_algorithms_that_move_nothing_share_one_clause(tmp_path):
     (finding,) = findings.Findings(findings.load_study(tmp_path)).findings()
     assert len(finding.clauses) == 2
     # one seed: the paired t over the 20 prompts, 10 of which gain 1: 0.5 ± t_19 · 0.513/√20
-    assert re.fullmatch(r"under linear, accuracy rises by 0\.500 \[CI \+0\.260, \+0\.740\]; the λ0-scalarized "
-                        r"score rises by 0\.250 \[CI \+0\.130, \+0\.370\]; interference in 0 of 1 run",
-                        finding.clauses[0])
-    assert finding.clauses[1] == ("under famo, pama, no effect detected (every interval contains 0); "
-                                  "interference in 0 of 2 runs")
+    assert finding.clauses[0] == ("Under linear, accuracy (+0.500 [+0.260, +0.740]) rises on held-out prompts; no "
+                                  "effect detected on clarity (+0.000 [+0.000, +0.000]); the λ0-scalarized score "
+                                  "rises (+0.250 [+0.130, +0.370]): **improvement**.")
+    assert finding.clauses[1] == ("Under famo and pama, no effect detected on any objective or on the λ0-scalarized "
+                                  "score (every interval contains 0).")
+    assert finding.overview == "Verdicts: improvement under linear; no effect detected under famo and pama."
 
 
 def test_cost_rows_average_step_seconds(study_dir):
     rows = {r["algorithm"]: r for r in findings.cost_rows(findings.load_study(study_dir).runs)}
     assert rows["linear"]["perf/step_s"] == 1.0 and rows["ctwa"]["perf/step_s"] == 1.5
     assert rows["ctwa"]["time/sample_s"] == 0.75 and rows["ctwa"]["runs"] == 2
-
-
-def test_law_agreement_pools_predicted_and_realised_changes(tmp_path):
-    # steps 1..4: (predicted, realised) = (1, −0.1) disagree, (−1, 0) left out of the sign count, (2, 0.3) agree,
-    # (0.5, 0.2) agree -> 2 of 3; step 4 of the second run has only the clipping-free prediction cov_s.
-    law = {"cov_w/accuracy": [1.0, -1.0, 2.0, 0.5], "realised/accuracy": [-0.1, 0.0, 0.3, 0.2]}
-    write_run(tmp_path / "r", tiny_config("ctwa", 0), {"accuracy": (HALF, ONES)}, law=law)
-    run = findings.load_study(tmp_path / "r").runs[0]
-    assert findings.law_pairs(run) == ([1.0, -1.0, 2.0, 0.5], [-0.1, 0.0, 0.3, 0.2])
-    (row,) = findings.law_rows([run])
-    assert (row["algorithm"], row["num_pairs"], row["sign_agreement"]) == ("ctwa", 3, pytest.approx(2 / 3))
-    assert row["correlation"] == pytest.approx(np.corrcoef([1, -1, 2, 0.5], [-0.1, 0, 0.3, 0.2])[0, 1])
-
-    fallback = {"cov_s/accuracy": [None, None, None, -3.0], "realised/accuracy": [None, None, None, 0.4]}
-    write_run(tmp_path / "s", tiny_config("ctwa", 1), {"accuracy": (HALF, ONES)}, law=fallback)
-    other = findings.load_study(tmp_path / "s").runs[0]
-    assert findings.law_pairs(other) == ([-3.0], [0.4])
-    (pooled,) = findings.law_rows([run, other])
-    assert (pooled["num_pairs"], pooled["sign_agreement"]) == (4, pytest.approx(2 / 4))
-
-    write_run(tmp_path / "plain", tiny_config("ctwa", 0), {"accuracy": (HALF, ONES)})
-    assert findings.law_rows(findings.load_study(tmp_path / "plain").runs) == []
 
 
 def test_pareto_front_and_hypervolume_by_hand():
@@ -362,7 +353,7 @@ def test_report_of_a_study_embeds_figures_and_tables(study_dir, tmp_path):
     html = path.read_text()
     pngs = embedded_pngs(html)
     assert len(pngs) == 4 and all(p.startswith(b"\x89PNG") for p in pngs)  # curves, weights, Pareto, cost
-    for section in ("Findings", "Evaluation curves", "Per-objective change", "Interference rate",
+    for section in ("Findings", "Held-out expected reward", "Per-objective change", "Interference per algorithm",
                     "Weight trajectories", "Pareto front", "Cost", "Runs not included"):
         assert f"<h2>{section}</h2>" in html
     assert "Covariance-law agreement" not in html  # no law/ metrics logged: the section is skipped
@@ -377,7 +368,7 @@ def test_report_of_a_single_run(tmp_path):
     html = write_report(tmp_path / "run").read_text()
     assert (tmp_path / "run" / "report" / "report.md").is_file()
     assert "1 run(s) in 1 configuration(s)" in html and len(embedded_pngs(html)) >= 2
-    assert "under linear, clarity degrades by 0.200" in html
+    assert "Under linear, clarity (−0.200 [" in html
 
 
 def test_markdown_tables_escape_pipes():

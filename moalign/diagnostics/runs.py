@@ -8,7 +8,8 @@ A run directory holds
                     ``eval/<split>/<mode>/<objective>/per_prompt`` (one score per evaluation prompt, in the same
                     prompt order at every evaluation; ``null``/NaN = a prompt whose scoring failed) and, sampled,
                     ``.../per_sample`` (each completion's reward); the start evaluation's line carries the fixed
-                    scalarization ``scalarization/<objective>`` (``engine.evaluation``). Lines written without a mode
+                    scalarization ``scalarization/<objective>`` (``engine.evaluation``); each evaluation's cost is
+                    ``eval/<split>/<mode>/{completions,tokens,seconds}`` (``eval_cost``). Lines written without a mode
                     in the key (``eval/<split>/<objective>/per_prompt``) are greedy evaluations. Other keys are
                     ignored.
     config.yaml     the resolved config (``objectives``: the objectives' specs, ``seed``, ...)
@@ -177,6 +178,23 @@ def _scalarization(records: list[dict[str, Any]], objectives: list[str], run_dir
                                 f"a number for every objective ({', '.join(objectives)})") from None
             return weights
     return {o: 1.0 / len(objectives) for o in objectives}
+
+
+def eval_cost(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """``{mode: {evaluations, seconds, completions, tokens}}``: the held-out evaluations' totals over a run (one
+    evaluation = one split in one mode), from its metrics records."""
+    cost: dict[str, dict[str, float]] = {}
+    for record in records:
+        for key, value in record.items():
+            parts = key.split("/")
+            if len(parts) == 4 and parts[0] == "eval" and parts[2] in MODES and parts[3] == "seconds":
+                totals = cost.setdefault(parts[2], {"evaluations": 0, "seconds": 0.0, "completions": 0, "tokens": 0})
+                prefix = key.removesuffix("seconds")
+                totals["evaluations"] += 1
+                totals["seconds"] += value
+                totals["completions"] += record.get(prefix + "completions", 0)
+                totals["tokens"] += record.get(prefix + "tokens", 0)
+    return cost
 
 
 def choose_split(runs: Sequence[Run], split: Optional[str] = None) -> str:

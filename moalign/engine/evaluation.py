@@ -214,20 +214,3 @@ def eval_change_table(records: list[dict[str, Any]], objectives: Sequence[str]) 
             if rows:
                 table.setdefault(split, {})[mode] = rows
     return table
-
-
-def eval_cost(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """``{mode: {evaluations, seconds, completions, tokens}}``: the held-out evaluations' totals over a run (one
-    evaluation = one split in one mode), from its metrics records."""
-    cost: dict[str, dict[str, float]] = {}
-    for record in records:
-        for key, value in record.items():
-            parts = key.split("/")
-            if len(parts) == 4 and parts[0] == "eval" and parts[2] in MODES and parts[3] == "seconds":
-                totals = cost.setdefault(parts[2], {"evaluations": 0, "seconds": 0.0, "completions": 0, "tokens": 0})
-                prefix = key.removesuffix("seconds")
-                totals["evaluations"] += 1
-                totals["seconds"] += value
-                totals["completions"] += record.get(prefix + "completions", 0)
-                totals["tokens"] += record.get(prefix + "tokens", 0)
-    return cost

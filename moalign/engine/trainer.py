@@ -38,6 +38,7 @@ from moalign.data import Example, load_data
 from moalign.rl.covariance import carries_signal
 from moalign.diagnostics.law import LawMonitor
 from moalign.diagnostics.pl import PLEstimator
+from moalign.diagnostics.runs import eval_cost
 from moalign.engine import checkpoint as ckpt
 from moalign.engine import objective_gradients
 from moalign.engine import rollout as hf_rollout
@@ -46,7 +47,7 @@ from moalign.engine.evaluation import (
     EvalSettings,
     encode_prompts,
     eval_change_table,
-    eval_cost,
+    eval_uniforms,
     evaluate_split,
     fixed_scalarization,
     score_batch,
@@ -244,7 +245,7 @@ class Trainer:
         mb = cfg.optim.logprob_micro_batch_size or cfg.optim.micro_batch_size  # the passes without gradients
         if self.num_probe and self._probe_last is None:
             with timer("probe", trim=True):
-                self._probe_last = self._probe_means()
+                self._probe_last = self._probe_rewards()
         hidden = None  # the frozen trunk's output, shared by every pass below
         if self.trunk is not None:
             with timer("trunk"):
@@ -496,7 +497,7 @@ class Trainer:
             return out
         out.update(self.law.observe_step(stats))
         if self.num_probe:
-            after = self._probe_means()
+            after = self._probe_rewards()
             out.update(self.law.realise(self._probe_last, after))
             self._probe_last = after
         for message in self.law.warnings():
@@ -505,18 +506,25 @@ class Trainer:
         return out
 
     @torch.no_grad()
-    def _probe_means(self) -> torch.Tensor:
-        """Per-objective mean reward on the fixed probe prompts (the first val prompts, ``probe_group_size``
-        samples each), sampled with a fixed seed so successive measurements share their random numbers."""
+    def _probe_rewards(self) -> torch.Tensor:
+        """Per-completion rewards [n, M] on the fixed probe prompts (the first val prompts, ``probe_group_size``
+        samples each) under the current policy. Completion k of probe prompt i draws its tokens from the same
+        uniforms at every measurement (the fast sampler; ``rollout.sampler=hf`` reseeds torch's RNG instead, which
+        repeats the draws only while every sequence takes the same path), so successive measurements are paired."""
         d, r = self.cfg.diagnostics, self.cfg.rollout
         prompts = [p for p in self.prompt_tokens["val"][:self.num_probe] for _ in range(d.probe_group_size)]
         index = [i for i in range(self.num_probe) for _ in range(d.probe_group_size)]
         self.model.eval()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.cfg.seed + 7_777_777)
-            rollout = self.generate(self.model, self.tokenizer, prompts, index, index, r.max_new_tokens, r.temperature,
-                               r.top_p)
-        return torch.nanmean(self.score(rollout, "val", observe=False).rewards.double(), dim=0)
+        if r.sampler == "fast":
+            uniforms = eval_uniforms(self.cfg.seed, "probe", self.num_probe, d.probe_group_size, r.max_new_tokens)
+            rollout = self.generate(self.model, self.tokenizer, prompts, index, index, r.max_new_tokens,
+                                    r.temperature, r.top_p, uniforms=uniforms)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.cfg.seed + 7_777_777)
+                rollout = self.generate(self.model, self.tokenizer, prompts, index, index, r.max_new_tokens,
+                                        r.temperature, r.top_p)
+        return self.score(rollout, "val", observe=False).rewards.double()
 
     # ------------------------------------------------------------------------------------------ evaluation
 

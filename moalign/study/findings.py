@@ -7,18 +7,20 @@ directory holds them under ``runs/``. Every number here is computed from those f
   evaluation prompts;
 * per configuration (runs that differ only in their seed): per-objective change with a 95% interval over seeds and
   prompts, degradation flags, the change of the fixed scalarization λ0, the verdict (interference, degradation,
-  improvement, no effect detected) and hypervolume (``moalign.diagnostics.interference``), on the held-out expected
-  reward (sampled evaluations; greedy scores for runs without them), on the validation split and, when every run
-  evaluated it at its start and end, the test split;
-* interference rate: the fraction of runs (each seed counted once) that interfere;
-* cost: mean seconds per training step (``perf/step_s``) and per phase (``time/<phase>_s``), and any logged
-  ``perf/*pass*`` counter;
-* covariance-law agreement, when runs log the law monitor's metrics (``moalign.diagnostics.law``): the predicted
-  change of objective j, Cov(r_j, w) (``law/cov_w/<j>``), against the change realised on the probe prompts
-  (``law/realised/<j>``); sign agreement (pairs where either is 0 left out) and correlation, pooled over seeds;
-* Pareto front of the final points (mean over seeds) and its hypervolume with the mean start point as reference.
+  improvement, no effect detected) (``moalign.diagnostics.interference``), on the held-out expected reward (sampled
+  evaluations; greedy scores for runs without them), on the validation split and, when every run evaluated it at
+  its start and end, the test split;
+* interference rate: the fraction of runs (each seed counted once) that interfere on their own;
+* hypervolume: of each configuration's start and end points (means over seeds) and of the set of end points, all
+  against one reference point per comparison, ``hypervolume_reference``: below every start and end point, so that
+  a configuration that degrades an objective still has a positive volume; as a fraction of the box between that
+  reference and the ideal point (``ParetoSet``);
+* cost: mean seconds per training step (``perf/step_s``) and per phase (``time/<phase>_s``), any logged
+  ``perf/*pass*`` counter, and the held-out evaluations' seconds and tokens against training's;
+* covariance-law agreement, when runs log the law monitor's metrics: ``moalign.study.agreement``.
 
-Selection uses the validation split, reported numbers the test split (``Findings.report_split``).
+Selection uses the validation split, reported numbers the test split (``Findings.report_split``). The sentences
+(``Finding``) are generated from the verdicts and intervals; nothing in them is written by hand.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -36,18 +39,22 @@ from pymoo.indicators.hv import HV
 
 from moalign import bounded_yaml
 from moalign.diagnostics.interference import (
+    VERDICTS,
     InterferenceReport,
+    ObjectiveChange,
     curve_means,
     interference_report,
 )
 from moalign.diagnostics.runs import (
     SPLITS,
     Run,
+    eval_cost,
     group_by_config,
     load_run,
     read_metrics,
 )
 from moalign.errors import UserError
+from moalign.study.agreement import LawEvidence, law_evidence
 
 SUMMARY_FILE = "summary.json"
 STUDY_FILE = "study.yaml"
@@ -235,24 +242,28 @@ def run_interference(run: StudyRun, split: str) -> Optional[bool]:
         return None
 
 
-def interference_rates(runs: Sequence[StudyRun], split: str, by: str) -> dict[str, tuple[int, int]]:
-    """Per value of the factor ``by`` (e.g. "algorithm"): (runs that interfere, runs with a verdict)."""
-    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    for r in runs:
-        verdict = run_interference(r, split)
-        if verdict is not None:
-            counts[getattr(r, by)][0] += int(verdict)
-            counts[getattr(r, by)][1] += 1
-    return {k: (v[0], v[1]) for k, v in counts.items()}
-
-
 # ------------------------------------------------------------------------------------------------ Pareto
 
 
-def front_hypervolume(start: np.ndarray, points: np.ndarray) -> float:
-    """Hypervolume dominated by ``points`` [K, M] above the reference ``start`` [M] (scores maximized)."""
+def front_hypervolume(reference: np.ndarray, points: np.ndarray) -> float:
+    """Hypervolume dominated by ``points`` [K, M] above ``reference`` [M] (scores maximized; pymoo minimizes, hence
+    the negation). A point below the reference in any objective adds nothing."""
     points = np.atleast_2d(np.asarray(points, dtype=float))
-    return float(HV(ref_point=-np.asarray(start, dtype=float))(-points))
+    return float(HV(ref_point=-np.asarray(reference, dtype=float))(-points))
+
+
+HV_MARGIN = 0.1  # the reference point lies this fraction of each objective's range below its lowest value
+HV_MIN_MARGIN = 0.01  # ... and at least this far (an objective every point scores alike)
+
+
+def hypervolume_reference(points: np.ndarray) -> np.ndarray:
+    """The reference point of a comparison's hypervolumes: per objective, the lowest value among ``points`` [K, M]
+    (every configuration's start and end point) minus ``HV_MARGIN`` of the objective's range over them (at least
+    ``HV_MIN_MARGIN``). Every point then dominates it strictly, so no volume is 0 because an objective fell; the
+    volumes compare configurations within one comparison (the reference moves with the set)."""
+    points = np.atleast_2d(np.asarray(points, dtype=float))
+    low, high = points.min(axis=0), points.max(axis=0)
+    return low - np.maximum(HV_MARGIN * (high - low), HV_MIN_MARGIN)
 
 
 def pareto_front(points: np.ndarray) -> np.ndarray:
@@ -264,14 +275,47 @@ def pareto_front(points: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class ParetoSet:
-    """The final points of one comparison (same model, estimator and objectives), one per configuration."""
+    """The final points of one comparison (same model, estimator and objectives), one per configuration, and their
+    hypervolumes against the comparison's reference point, as a fraction of the box between the reference point and
+    the ideal point (each objective's best start or end value): 1 would be one point best in every objective."""
 
     configs: list[ConfigResult]
     objectives: list[str]
-    start: np.ndarray  # [M] mean start point over configurations
+    starts: np.ndarray  # [K, M] start points (means over each configuration's seeds)
     points: np.ndarray  # [K, M] end points (means over seeds)
     on_front: np.ndarray  # [K] bool
-    hypervolume: float  # of the whole set, reference = start
+    reference: np.ndarray  # [M] hypervolume_reference of starts and points
+
+    @property
+    def start(self) -> np.ndarray:
+        """[M] the mean start point over configurations."""
+        return self.starts.mean(axis=0)
+
+    @property
+    def ideal(self) -> np.ndarray:
+        return np.concatenate([self.starts, self.points]).max(axis=0)
+
+    def volume(self, points: np.ndarray) -> float:
+        """The normalized hypervolume of ``points`` ([M] or [K, M])."""
+        return front_hypervolume(self.reference, points) / float(np.prod(self.ideal - self.reference))
+
+    @property
+    def hypervolume(self) -> float:
+        """Of the set of end points."""
+        return self.volume(self.points)
+
+    @property
+    def start_hypervolume(self) -> float:
+        """Of the mean start point: what the set's volume is compared with."""
+        return self.volume(self.start)
+
+    def end_hypervolumes(self) -> list[float]:
+        return [self.volume(p) for p in self.points]
+
+    def of(self, config: ConfigResult) -> tuple[float, float]:
+        """(start, end) hypervolume of one of the set's configurations."""
+        k = next(i for i, c in enumerate(self.configs) if c is config)
+        return self.volume(self.starts[k]), self.volume(self.points[k])
 
 
 def comparison_key(r: StudyRun) -> tuple[str, str, str]:
@@ -289,9 +333,8 @@ def pareto_sets(configs: Sequence[ConfigResult], split: str) -> dict[tuple[str, 
         objectives = members[0].first.run.objectives
         starts = np.array([[ch.start for ch in c.reports[split].changes] for c in members])
         points = np.array([[ch.end for ch in c.reports[split].changes] for c in members])
-        start = starts.mean(axis=0)
-        out[key] = ParetoSet(members, objectives, start, points, pareto_front(points),
-                             front_hypervolume(start, points))
+        out[key] = ParetoSet(members, objectives, starts, points, pareto_front(points),
+                             hypervolume_reference(np.concatenate([starts, points])))
     return out
 
 
@@ -316,98 +359,152 @@ def cost_rows(runs: Sequence[StudyRun]) -> list[dict[str, Any]]:
     return rows
 
 
-def law_pairs(run: StudyRun) -> tuple[list[float], list[float]]:
-    """(predicted, realised) changes of every (step, objective) the law monitor logged: the prediction is
-    ``law/cov_w/<j>`` (``law/cov_s/<j>`` when the clipped signal was not measured), the realised change on the probe
-    set ``law/realised/<j>``, both in the same step's record."""
-    predicted, realised = [], []
-    for record in run.records:
-        for objective in run.run.objectives:
-            p = record.get(f"law/cov_w/{objective}", record.get(f"law/cov_s/{objective}"))
-            r = record.get(f"law/realised/{objective}")
-            if isinstance(p, (int, float)) and isinstance(r, (int, float)) and math.isfinite(p) and math.isfinite(r):
-                predicted.append(float(p))
-                realised.append(float(r))
-    return predicted, realised
-
-
-def law_rows(runs: Sequence[StudyRun]) -> list[dict[str, Any]]:
-    """Per algorithm, pooled over its runs: sign agreement and correlation of predicted and realised changes, as the
-    law monitor defines them (``moalign.diagnostics.law.Agreement``); empty when no run logged law metrics."""
-    from moalign.diagnostics.law import Agreement
-
-    pooled: dict[str, Agreement] = defaultdict(Agreement)
+def evaluation_cost_rows(runs: Sequence[StudyRun]) -> list[dict[str, Any]]:
+    """Per (algorithm, model), summed over its runs: training seconds (Σ ``perf/step_s``; of them the end-of-step
+    diagnostics, law monitor and probe, Σ ``time/diagnostics_s`` + ``time/probe_s``) and generated tokens (Σ ``train/length/mean`` × completions per step), and each evaluation mode's
+    seconds, completions and tokens (``engine.evaluation.eval_cost``); NaN where the runs did not log it."""
+    grouped: dict[tuple[str, str], list[StudyRun]] = defaultdict(list)
     for r in runs:
-        predicted, realised = law_pairs(r)
-        pooled[r.algorithm].predicted.extend(predicted)
-        pooled[r.algorithm].realised.extend(realised)
-    return [{"algorithm": algorithm, **agreement.summary("")} for algorithm, agreement in pooled.items()
-            if agreement.predicted]
+        grouped[(r.algorithm, r.model)].append(r)
+    rows = []
+    for (algorithm, model), members in grouped.items():
+        row: dict[str, Any] = {"algorithm": algorithm, "model": model, "runs": len(members),
+                               "train_s": _total(members, lambda r: r.series("perf/step_s")[1]),
+                               "diagnostics_s": _total(members, lambda r: np.concatenate(
+                                   [r.series("time/diagnostics_s")[1], r.series("time/probe_s")[1]])),
+                               "train_tokens": _total(members, _training_tokens)}
+        for r in members:
+            for mode, cost in eval_cost(r.records).items():
+                for key in ("seconds", "completions", "tokens"):
+                    row[f"{mode}_{key}"] = row.get(f"{mode}_{key}", 0.0) + float(cost[key])
+        rows.append(row)
+    return rows
+
+
+def _total(runs: Sequence[StudyRun], values) -> float:
+    """Σ over runs of Σ values(run); NaN when a run has none."""
+    total = 0.0
+    for r in runs:
+        v = values(r)
+        total += float(np.sum(v)) if len(v) else math.nan
+    return total
+
+
+def _training_tokens(run: StudyRun) -> np.ndarray:
+    """Tokens generated for training at each logged step: mean completion length × completions per step."""
+    rollout = run.run.config.get("rollout") or {}
+    per_step = rollout.get("prompts_per_step", 0) * rollout.get("group_size", 0)
+    return run.series("train/length/mean")[1] * per_step if per_step else np.array([])
 
 
 # ------------------------------------------------------------------------------------------------ sentences
 
 
-def describe_change(objective: str, change: float, interval: Sequence[float]) -> Optional[str]:
-    """"clarity degrades by 0.12 [CI −0.20, −0.05]" when the interval excludes 0, else None (no clear move)."""
-    low, high = interval
-    ci = f"[CI {_num(low)}, {_num(high)}]"
-    if high < 0:
-        return f"{objective} degrades by {abs(change):.3f} {ci}"
-    if low > 0:
-        return f"{objective} rises by {change:.3f} {ci}"
-    return None
+def signed(x: float) -> str:
+    return f"{x:+.3f}".replace("-", "−")
 
 
-NO_CLEAR_MOVE = "no effect detected (every interval contains 0)"
+def with_interval(change: ObjectiveChange) -> str:
+    """"−0.186 [−0.219, −0.154]": the change and its 95% interval."""
+    low, high = change.change_ci
+    return f"{signed(change.change)} [{signed(low)}, {signed(high)}]"
+
+
+def join(items: Sequence[str]) -> str:
+    """"a", "a and b", "a, b and c"."""
+    items = list(items)
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
+
+
+def _named(changes: Sequence[ObjectiveChange]) -> str:
+    return join([f"{ch.objective} ({with_interval(ch)})" for ch in changes])
 
 
 SCORE_NAME = "the λ0-scalarized score"  # the fixed scalarization (diagnostics.interference)
+NO_EFFECT = "no effect detected on any objective or on the λ0-scalarized score (every interval contains 0)"
 
 
-def clear_moves(config: ConfigResult, split: str) -> str:
-    """The objectives (and the fixed-scalarization score) that moved clearly, degradations first ("clarity degrades
-    by … while accuracy rises by …, the λ0-scalarized score rises by …")."""
-    report = config.reports[split]
-    moves = [m for ch in report.changes if (m := describe_change(ch.objective, ch.change, ch.change_ci))]
-    degraded = [m for m in moves if " degrades " in m]
-    improved = [m for m in moves if " rises " in m]
-    text = f"{', '.join(degraded)} while {', '.join(improved)}" if degraded and improved else ", ".join(moves)
-    score = describe_change(SCORE_NAME, report.score.change, report.score.change_ci)
-    if score is not None:
-        text = f"{text}; {score.replace(' degrades ', ' falls ')}" if text else score.replace(" degrades ", " falls ")
-    return text or NO_CLEAR_MOVE
+def describe_moves(report: InterferenceReport) -> str:
+    """What one verdict rests on, degradations first: "conciseness (−0.186 [−0.219, −0.154]) degrades on held-out
+    prompts while accuracy (+0.155 […]) and clarity (+0.268 […]) rise; no effect detected on … ; the λ0-scalarized
+    score rises (+0.079 […])". ``NO_EFFECT`` when every interval contains 0."""
+    degraded = [ch for ch in report.changes if ch.degrades]
+    improved = [ch for ch in report.changes if ch.rises]
+    unclear = [ch for ch in report.changes if not ch.degrades and not ch.rises]
+    if not degraded and not improved and not report.score.degrades and not report.score.rises:
+        return NO_EFFECT
+    moves = []
+    if degraded:
+        moves.append(f"{_named(degraded)} {'degrades' if len(degraded) == 1 else 'degrade'} on held-out prompts")
+    if improved:
+        verb = "rises" if len(improved) == 1 else "rise"
+        moves.append(f"{_named(improved)} {verb}" + ("" if degraded else " on held-out prompts"))
+    parts = [" while ".join(moves)] if moves else []
+    if unclear:
+        parts.append(f"no effect detected on {_named(unclear)}")
+    score = report.score
+    how = "rises" if score.rises else "falls" if score.degrades else "shows no detected change"
+    parts.append(f"{SCORE_NAME} {how} ({with_interval(score)})")
+    return "; ".join(parts)
 
 
-def interference_count(configs: Sequence[ConfigResult], split: str) -> str:
-    """"; interference in k of n runs" over the runs of ``configs`` (empty when no run has a verdict), then, for
-    configurations with several seeds, the verdict with the seeds pooled — the one the tables show. The two can
-    differ: a change every seed repeats can be clear pooled and unclear within each run, and a change one run shows
-    on its prompts can fail to generalise over seeds."""
+def own_verdicts(configs: Sequence[ConfigResult], split: str) -> Optional[tuple[int, int]]:
+    """(runs that interfere on their own, runs with a verdict) over the runs of ``configs``; None when every
+    configuration has a single run (its own verdict is the table's)."""
+    if all(len(c.runs) == 1 for c in configs):
+        return None
     known = [v for c in configs for r in c.runs if (v := run_interference(r, split)) is not None]
-    text = f"; interference in {sum(known)} of {len(known)} run{'s' if len(known) != 1 else ''}" if known else ""
-    pooled = [c for c in configs if len(c.runs) > 1 and split in c.reports]
-    if not pooled:
-        return text
-    interfering = [c.label for c in pooled if c.reports[split].interference]
-    if len(configs) == 1:
-        verdict = "yes" if interfering else "no"
-        return f"{text}, {verdict} with its {len(pooled[0].runs)} seeds pooled (the table's verdict)"
-    return f"{text}; with each algorithm's seeds pooled (the table's verdict): {', '.join(interfering) or 'none'}"
+    return sum(known), len(known)
 
 
 def describe_configs(configs: Sequence[ConfigResult], split: str) -> list[str]:
-    """One clause per algorithm that moved an objective clearly; the algorithms that moved none share one clause."""
-    moves = {id(c): clear_moves(c, split) for c in configs}
-    still = [c for c in configs if moves[id(c)] == NO_CLEAR_MOVE]
+    """One clause per algorithm with a detected effect: its moves and its verdict (seeds pooled), then how many of its
+    runs interfere on their own. The two verdicts can differ: a change every seed repeats can be clear pooled and
+    unclear within each run, and a change one run shows on its prompts can fail to generalise over seeds. The
+    algorithms with no effect detected share one clause."""
+    still = [c for c in configs if describe_moves(c.reports[split]) == NO_EFFECT]
+    quiet = {id(c) for c in still}
     clauses = []
     for c in configs:
-        if moves[id(c)] != NO_CLEAR_MOVE:
-            clauses.append(f"under {c.label}, {moves[id(c)]}{interference_count([c], split)}")
-        elif c is still[0]:
-            labels = ", ".join(s.label for s in still)
-            clauses.append(f"under {labels}, {NO_CLEAR_MOVE}{interference_count(still, split)}")
+        if id(c) in quiet and c is not still[0]:
+            continue
+        group = still if id(c) in quiet else [c]
+        text = NO_EFFECT if id(c) in quiet else f"{describe_moves(c.reports[split])}: **{c.reports[split].verdict}**"
+        count = own_verdicts(group, split)
+        runs = "" if count is None else f"; {count[0]} of {count[1]} runs interfere on their own"
+        clauses.append(f"Under {join([g.label for g in group])}, {text}{runs}.")
     return clauses
+
+
+def verdict_overview(configs: Sequence[ConfigResult], split: str) -> str:
+    """"Verdicts (seeds pooled): interference under linear; improvement under ctwa and mgda." """
+    by_verdict = {v: [c.label for c in configs if c.reports[split].verdict == v] for v in VERDICTS}
+    pooled = " (seeds pooled)" if any(len(c.runs) > 1 for c in configs) else ""
+    return f"Verdicts{pooled}: " + "; ".join(f"{v} under {join(labels)}" for v, labels in by_verdict.items()
+                                             if labels) + "."
+
+
+def baseline_contrast(configs: Sequence[ConfigResult], split: str, baseline: str = "linear") -> Optional[str]:
+    """For each objective that degrades under the baseline, how every other algorithm fares on it: "conciseness,
+    which degrades under linear (−0.186 […]): rises under ctwa (+0.113 […]); no effect detected under mgda (…)"."""
+    base = next((c for c in configs if c.first.algorithm == baseline and split in c.reports), None)
+    others = [c for c in configs if c is not base and split in c.reports]
+    if base is None or not others:
+        return None
+    sentences = []
+    for j, change in enumerate(base.reports[split].changes):
+        if not change.degrades:
+            continue
+        fates = {"degrades": [], "rises": [], "no effect detected": []}
+        for c in others:
+            other = c.reports[split].changes[j]
+            fate = "degrades" if other.degrades else "rises" if other.rises else "no effect detected"
+            fates[fate].append(f"{c.label} ({with_interval(other)})")
+        told = [f"{'also degrades' if fate == 'degrades' else fate} under {join(names)}"
+                for fate, names in fates.items() if names]
+        sentences.append(f"{change.objective.capitalize()}, which degrades under {base.label} "
+                         f"({with_interval(change)}): {'; '.join(told)}.")
+    return " ".join(sentences) or None
 
 
 @dataclass(frozen=True)
@@ -415,7 +512,9 @@ class Finding:
     """What one comparison (same model, estimator and objectives; different algorithms) shows."""
 
     head: str  # which comparison, on which split, over how many seeds
-    clauses: list[str]  # per algorithm: its clear moves and how often its runs interfered
+    overview: str  # the algorithms grouped by verdict
+    clauses: list[str]  # per algorithm: its detected moves, its verdict and how often its runs interfered
+    contrast: Optional[str]  # how the others fare on the objectives the baseline degrades
     summary: str  # the selection on the selection split, its value on the report split, and the Pareto front
 
 
@@ -424,22 +523,18 @@ def finding_for(pareto: ParetoSet, key: tuple[str, str, str], split: str, select
     model, estimator, objective_set = key
     seeds = "/".join(str(n) for n in sorted({len(c.runs) for c in pareto.configs}))
     head = f"**{model}** ({estimator}; objectives {objective_set}; {split} split; {seeds} seed(s) per algorithm):"
-    clauses = describe_configs(pareto.configs, split)
     summary = ""
     if selection is not None and len(selection.configs) > 1:
-        hv = [c.reports[selection_split].hypervolume for c in selection.configs]
-        best = selection.configs[int(np.argmax(hv))]
-        summary += (f"Chosen on {selection_split} by hypervolume: {best.label} (HV {max(hv):.4f}); on {split} its "
-                    f"hypervolume is {best.reports[split].hypervolume:.4f}. " if max(hv) > 0 else
-                    f"No algorithm improves every objective on {selection_split} (every hypervolume is 0), so none is "
-                    f"chosen. ")
+        volumes = selection.end_hypervolumes()
+        best = selection.configs[int(np.argmax(volumes))]
+        start, end = pareto.of(next(c for c in pareto.configs if c.label == best.label))
+        summary += (f"Chosen on {selection_split} by hypervolume: {best.label} ({max(volumes):.3f}); on {split} its "
+                    f"hypervolume is {end:.3f} (start {start:.3f}). ")
     on_front = [c.label for c, on in zip(pareto.configs, pareto.on_front) if on]
-    summary += f"Pareto front on {split}: {', '.join(on_front)} (hypervolume of the set {pareto.hypervolume:.4f})."
-    return Finding(head, clauses, summary)
-
-
-def _num(x: float) -> str:
-    return f"{x:+.3f}".replace("-", "−")
+    summary += (f"Pareto front on {split}: {join(on_front)} (hypervolume of the set {pareto.hypervolume:.3f}, of the "
+                f"start {pareto.start_hypervolume:.3f}).")
+    return Finding(head, verdict_overview(pareto.configs, split), describe_configs(pareto.configs, split),
+                   baseline_contrast(pareto.configs, split), summary)
 
 
 @dataclass
@@ -461,6 +556,11 @@ class Findings:
     @property
     def runs(self) -> list[StudyRun]:
         return self.study.runs
+
+    @cached_property
+    def law(self) -> Optional[LawEvidence]:
+        """The covariance law's agreement at both scales (None when no run logged the law monitor)."""
+        return law_evidence(self.runs)
 
     def findings(self) -> list[Finding]:
         selection = pareto_sets(self.configs, self.selection_split)

@@ -1,11 +1,11 @@
 """``moalign report DIR``: a study (or a single run) as one self-contained HTML page, a Markdown page and PNG figures.
 
-Sections, in order: findings (sentences stating only what the numbers show) · per-objective evaluation curves per
-algorithm, one panel per model × objective (the paper's Figure 1 layout), mean over seeds with a min–max band ·
-per-objective change table with 95% intervals, degradation flags, interference and hypervolume · interference rate
-per algorithm and model · covariance-law agreement (when runs log ``law/cov/<objective>``) · weight trajectories ·
-Pareto scatter of the final points with the front's hypervolume · cost per step. The numbers come from
-``moalign.study.findings``.
+Sections, in order: findings (sentences generated from the verdicts and intervals) · held-out expected reward per
+objective and algorithm, one panel per model × objective (the paper's Figure 1 layout), mean over seeds with a
+min–max band · per-objective change table with 95% intervals, verdicts and hypervolumes · interference per algorithm
+· covariance-law agreement where it is measurable (when runs log ``law/cov_w/<objective>``) · weight trajectories ·
+Pareto scatter of the final points with the hypervolume's reference point · cost of training and of evaluation. The
+numbers come from ``moalign.study.findings`` and ``moalign.study.agreement``.
 
 The document is a list of blocks (headings, paragraphs, tables, images) rendered twice: HTML with every figure embedded
 as a base64 PNG (one file to share), and Markdown with the figures as PNG files in ``figures/`` next to it.
@@ -30,15 +30,18 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from moalign.diagnostics.law import AgreementBin
+from moalign.study.agreement import EVALUATION, LawScale, describe_scale
 from moalign.study.findings import (
-    ConfigResult,
     Findings,
     StudyRun,
     comparison_key,
     cost_rows,
-    interference_rates,
-    law_rows,
+    evaluation_cost_rows,
+    join,
     load_study,
+    own_verdicts,
+    with_interval,
 )
 
 # ------------------------------------------------------------------------------------------------ document blocks
@@ -228,6 +231,9 @@ def curves_figure(f: Findings, palette: Palette, estimator: str, objective_set: 
     models = list(dict.fromkeys(c.first.model for c in configs))
     objectives = configs[0].first.run.objectives
     split = curve_split([r for c in configs for r in c.runs])
+    modes = {r.run.mode for c in configs for r in c.runs}
+    quantity = "expected reward (sampled)" if modes == {"sampled"} else "greedy score" if modes == {"greedy"} else \
+        "score (sampled where evaluated so, else greedy)"
     fig, axes = new_figure(len(models), len(objectives))
     for i, model in enumerate(models):
         for j, objective in enumerate(objectives):
@@ -236,14 +242,14 @@ def curves_figure(f: Findings, palette: Palette, estimator: str, objective_set: 
                 steps, values = aligned([r.curve(split, objective) for r in c.runs])
                 plot_seed_band(ax, steps, values, palette[c.label], c.label)
             ax.set_title(f"{model} · {objective}", fontsize=9)
-            ax.set_ylabel(f"{split} mean", fontsize=8)
+            ax.set_ylabel(quantity, fontsize=8)
             style_step_axis(ax)
     legend_below(fig, axes)
     seeds = max(len(c.runs) for c in configs)
-    band = "mean over seeds, band = min–max over seeds" if seeds > 1 else "one seed per algorithm"
+    band = "line = mean over seeds, band = lowest to highest seed" if seeds > 1 else "one seed per algorithm"
     return Image(f"curves_{_stem(estimator)}_{_stem(objective_set)}", to_png(fig),
-                 f"Per-objective {split} curves ({'/'.join(sorted({r.run.mode for c in configs for r in c.runs}))} "
-                 f"evaluation), estimator {estimator}; rows: models, columns: objectives; {band}.")
+                 f"Held-out {quantity} on the {split} split at every evaluation, estimator {estimator}; rows: models, "
+                 f"columns: objectives, one line per algorithm; {band}.")
 
 
 def weights_figure(f: Findings, palette: Palette, key: tuple[str, str, str]) -> Optional[Image]:
@@ -291,17 +297,19 @@ def pareto_figure(f: Findings, palette: Palette) -> Optional[Image]:
                 ax.scatter(point[a], point[b], color=palette[c.label], label=c.label, s=46 if front else 22,
                            edgecolors="black" if front else "none", linewidths=1.0, zorder=3)
             ax.scatter(p.start[a], p.start[b], marker="x", color="black", s=50, label="start", zorder=4)
+            ax.scatter(p.reference[a], p.reference[b], marker="+", color="gray", s=60, label="HV reference",
+                       zorder=4)
             ax.set_xlabel(p.objectives[a], fontsize=8)
             ax.set_ylabel(p.objectives[b], fontsize=8)
             if j == 0:  # the row's comparison, once: the panels are narrow
-                ax.set_title(textwrap.shorten(f"{key[0]} · {key[1]} (set HV {p.hypervolume:.4f})", 60), fontsize=8,
+                ax.set_title(textwrap.shorten(f"{key[0]} · {key[1]} (set HV {p.hypervolume:.3f})", 60), fontsize=8,
                              loc="left")
             ax.tick_params(labelsize=7)
             ax.grid(alpha=0.3)
     legend_below(fig, axes)
     return Image("pareto", to_png(fig),
                  f"Final {f.split} scores (mean over seeds) for each pair of objectives; black-edged points are on the "
-                 f"Pareto front over all objectives; × is the mean start point, the reference of the hypervolume (HV).")
+                 f"Pareto front over all objectives; × is the mean start point, + the hypervolume's reference point.")
 
 
 def cost_figure(rows: list[dict], palette: Palette) -> Optional[Image]:
@@ -330,42 +338,129 @@ def _stem(text: str) -> str:
 # ------------------------------------------------------------------------------------------------ tables
 
 
-def change_table(configs: Sequence[ConfigResult], split: str) -> Table:
+def change_table(f: Findings) -> Table:
+    split = f.split
     rows = []
-    for c in configs:
+    for c in f.configs:
         report = c.reports[split]
+        pareto = f.pareto.get(comparison_key(c.first))
+        hv = "–" if pareto is None else "{:.3f} → {:.3f}".format(*pareto.of(c))
         lines = [(ch.objective, ch) for ch in report.changes] + [("score (λ0)", report.score)]
         for k, (name, ch) in enumerate(lines):
             run_cells = [c.first.model, c.first.estimator, c.label, str(len(c.runs))] if k == 0 else [""] * 4
-            verdict = [report.verdict, f"{report.hypervolume:.4f}"] if k == 0 else [""] * 2
+            verdict = [report.verdict, hv] if k == 0 else [""] * 2
             flag = "DEGRADES" if ch.degrades and name != "score (λ0)" else "falls" if ch.degrades else \
                 "rises" if ch.rises else ""
-            rows.append(run_cells + [name, f"{ch.start:.3f}", f"{ch.end:.3f}",
-                                     f"{ch.change:+.3f} [{ch.change_ci[0]:+.3f}, {ch.change_ci[1]:+.3f}]",
-                                     flag, *verdict])
-    modes = sorted({c.reports[split].mode for c in configs})
+            rows.append(run_cells + [name, f"{ch.start:.3f}", f"{ch.end:.3f}", with_interval(ch), flag, *verdict])
+    modes = sorted({c.reports[split].mode for c in f.configs})
     return Table(["model", "estimator", "algorithm", "seeds", "objective", "start", "end", "Δ [95% CI]", "flag",
-                  "verdict", "HV"], rows,
+                  "verdict", "HV start → end"], rows,
                  f"{split} split, {'/'.join(modes)} evaluation; Δ = last − first evaluation; intervals over seeds and "
                  f"prompts (over prompts for a single seed; docs/statistics.md). score (λ0): the fixed scalarization "
                  f"with the weighting's initial weights. An objective degrades when its whole interval is below 0; "
-                 f"interference = the score rises while an objective degrades.")
+                 f"interference = the score rises while an objective degrades. HV: normalized hypervolume of the "
+                 f"start and the end point (Pareto front section).")
 
 
-def rate_table(f: Findings) -> Table:
-    models = f.values_of("model")
-    per_model = {m: interference_rates([r for r in f.runs if r.model == m], f.split, "algorithm") for m in models}
-    overall = interference_rates(f.runs, f.split, "algorithm")
+def interference_table(f: Findings) -> Table:
+    """Per configuration: its verdict with the seeds pooled, what degrades, and how many runs interfere alone."""
+    rows, totals = [], [0, 0]
+    for c in f.configs:
+        report = c.reports[f.split]
+        own = own_verdicts([c], f.split)
+        if own is None:  # one run: its own verdict is the pooled one
+            own = (int(report.interference), 1)
+        totals = [totals[0] + own[0], totals[1] + own[1]]
+        degraded = [ch for ch in report.changes if ch.degrades]
+        rows.append([c.label, c.first.model, c.first.estimator, report.verdict,
+                     ", ".join(f"{ch.objective} {with_interval(ch)}" for ch in degraded) or "none",
+                     _rate(own)])
+    rows.append(["all algorithms", "", "", "", "", _rate(tuple(totals))])
+    return Table(["algorithm", "model", "estimator", "verdict (seeds pooled)", "degrading objectives [95% CI]",
+                  "runs that interfere"], rows,
+                 f"{f.split} split. Runs that interfere: each seed's own verdict (its policy over the prompts), "
+                 f"counted per algorithm.")
 
-    def cell(count: Optional[tuple[int, int]]) -> str:
-        return "–" if not count or not count[1] else f"{count[0]}/{count[1]} ({count[0] / count[1]:.0%})"
 
-    rows = [[a, *(cell(per_model[m].get(a)) for m in models), cell(overall.get(a))] for a in f.values_of("algorithm")]
-    totals = interference_rates(f.runs, f.split, "model")
-    total_all = (sum(v[0] for v in totals.values()), sum(v[1] for v in totals.values()))
-    rows.append(["all algorithms", *(cell(totals.get(m)) for m in models), cell(total_all)])
-    return Table(["algorithm", *models, "all models"], rows,
-                 f"Runs that interfere / runs (each seed is one run), {f.split} split.")
+def _rate(count: tuple[int, int]) -> str:
+    return "–" if not count[1] else f"{count[0]}/{count[1]} ({count[0] / count[1]:.0%})"
+
+
+def _interval(value: float, interval: tuple[float, float], sign: bool = False) -> str:
+    if not np.isfinite(value):
+        return "–"
+    form = "{:+.2f}" if sign else "{:.2f}"
+    text = form.format(value) + (" [" + ", ".join(form.format(x) for x in interval) + "]"
+                                 if np.all(np.isfinite(interval)) else "")
+    return text.replace("-", "−")
+
+
+def _snr(b: AgreementBin) -> str:
+    return f"{b.signal / b.noise:.2f}" if np.isfinite(b.noise) and b.noise > 0 else "–"
+
+
+def _resolved(b: AgreementBin) -> str:
+    return "unknown" if b.resolved is None else "yes" if b.resolved else "no (within noise)"
+
+
+def law_bin_table(scale: LawScale) -> Table:
+    rows = [[f"{b.low:.3g} – {b.high:.3g}", str(b.pairs), _fmt(b.noise), _fmt(b.signal), _snr(b), _resolved(b),
+             _interval(b.sign_agreement, b.sign_agreement_ci), _interval(b.correlation, b.correlation_ci, sign=True)]
+            for b in scale.bins]
+    what = ("Σ of the per-step predictions Cov(r_j, w) over each interval between two val evaluations against the "
+            "evaluation's change (paired prompts; standard error over prompts)" if scale.scale == EVALUATION else
+            "each step's prediction Cov(r_j, w) against the change realised on the probe prompts (paired "
+            "completions; standard error over completions)")
+    return Table(["|predicted|", "pairs", "noise", "signal", "signal/noise", "resolved", "sign agreement [95% CI]",
+                  "correlation [95% CI]"], rows,
+                 f"{what}, pooled over objectives, runs and algorithms, in bins of equal count by |predicted|. noise: "
+                 f"root mean square of the realised changes' standard errors; signal: √max(0, mean realised² − "
+                 f"noise²), the policy's change beyond it; resolved: signal ≥ noise. Where the changes are within "
+                 f"noise a true and a false law both agree about half of the time, so agreement there does not "
+                 f"measure the law. Sign agreement "
+                 f"leaves out pairs where either change is 0 (Wilson interval); correlation with its Fisher-z "
+                 f"interval; both treat pairs as independent.")
+
+
+def law_algorithm_table(scale: LawScale) -> Table:
+    rows = [[algorithm, str(b.pairs), _fmt(b.noise), _fmt(b.signal), _snr(b), _resolved(b),
+             _interval(b.sign_agreement, b.sign_agreement_ci), _interval(b.correlation, b.correlation_ci, sign=True)]
+            for algorithm, b in scale.algorithms.items()]
+    return Table(["algorithm", "pairs", "noise", "signal", "signal/noise", "resolved", "sign agreement [95% CI]",
+                  "correlation [95% CI]"], rows,
+                 f"The same pairs per algorithm ({'per evaluation interval' if scale.scale == EVALUATION else 'per step'}"
+                 f"), every size of prediction together.")
+
+
+def law_blocks(f: Findings) -> list[Block]:
+    law = f.law
+    if law is None:
+        return []
+    blocks: list[Block] = [Heading("Covariance-law agreement"), Paragraph(
+        "The law (METHOD §2) predicts the sign and first-order size of each objective's change from Cov(r_j, w) on "
+        "the training batch. A realised change says something about the law only when it is larger than the noise "
+        "of its measurement, so the pairs are binned by the size of the prediction and agreement is read where the "
+        "realised changes are resolved.")]
+    for scale, title in ((law.interval, "Per evaluation interval"), (law.step, "Per step (probe)")):
+        if scale is not None:
+            blocks += [Heading(title, 3), Paragraph(describe_scale(scale)), law_bin_table(scale),
+                       law_algorithm_table(scale)]
+    return blocks
+
+
+def pareto_table(f: Findings) -> Table:
+    rows = []
+    for key, p in f.pareto.items():
+        reference = ", ".join(f"{o} {v:.3f}" for o, v in zip(p.objectives, p.reference))
+        rows.append([*key, join([c.label for c, on in zip(p.configs, p.on_front) if on]), reference,
+                     f"{p.start_hypervolume:.3f}", f"{p.hypervolume:.3f}"])
+    return Table(["model", "estimator", "objectives", "on the front", "HV reference point", "HV of the start",
+                  "HV of the set"], rows,
+                 f"{f.split} split. Reference point: per objective, the lowest start or end value of any algorithm in "
+                 f"the comparison minus 10% of that objective's range over them (at least 0.01), so every point has "
+                 f"a positive volume even where an objective fell. Hypervolumes (HV) are fractions of the box between "
+                 f"the reference point and the ideal point (each objective's best start or end value); they compare "
+                 f"algorithms within a comparison, not across studies.")
 
 
 def cost_table(rows: list[dict]) -> Table:
@@ -380,6 +475,47 @@ def cost_table(rows: list[dict]) -> Table:
     names = [k.removeprefix("time/").removeprefix("perf/") for k in keys]
     return Table(["algorithm", "model", "s/step", "× linear", *names], out,
                  "Means over all training steps of all seeds; phases are seconds per step (time/<phase>_s).")
+
+
+def evaluation_cost_table(rows: list[dict]) -> Table:
+    modes = [m for m in ("sampled", "greedy") if any(f"{m}_seconds" in r for r in rows)]
+    out = []
+    for r in rows:
+        cells = [r["algorithm"], r["model"], str(r["runs"]), _fmt(r["train_s"]), _tokens(r["train_tokens"])]
+        for m in modes:
+            cells += [_fmt(r.get(f"{m}_seconds")), _tokens(r.get(f"{m}_tokens"))]
+        out.append(cells)
+    columns = ["algorithm", "model", "runs", "training s", "training tokens"]
+    columns += [f"{m} eval {what}" for m in modes for what in ("s", "tokens")]
+    return Table(columns, out, "Totals over each algorithm's runs: training seconds Σ perf/step_s (the law "
+                               "monitor's probe included) and generated tokens; held-out evaluation seconds and "
+                               "generated tokens per mode (eval/<split>/<mode>/seconds, tokens), every split.")
+
+
+def evaluation_cost_sentence(rows: list[dict]) -> Optional[str]:
+    """"Held-out evaluation took 84 s against 1 141 s of training (6.9%) and generated …" (None when not logged)."""
+    train_s = sum(r["train_s"] for r in rows)
+    modes = [m for m in ("sampled", "greedy") if any(f"{m}_seconds" in r for r in rows)]
+    if not modes or not np.isfinite(train_s):
+        return None
+    eval_s = {m: sum(r.get(f"{m}_seconds", 0.0) for r in rows) for m in modes}
+    eval_tokens = {m: sum(r.get(f"{m}_tokens", 0.0) for r in rows) for m in modes}
+    total_s, total_tokens = sum(eval_s.values()), sum(eval_tokens.values())
+    train_tokens = sum(r["train_tokens"] for r in rows)
+    parts = ", ".join(f"{m} {eval_s[m]:.0f} s" for m in modes)
+    diagnostics_s = sum(r["diagnostics_s"] for r in rows)
+    within = (f"; of training, the end-of-step diagnostics (covariance-law monitor and probe) took {diagnostics_s:.0f} s"
+              if np.isfinite(diagnostics_s) and diagnostics_s > 0 else "")
+    text = (f"Held-out evaluation took {total_s:.0f} s ({parts}) against {train_s:.0f} s of training "
+            f"({total_s / train_s:.1%} of it), summed over the runs{within}")
+    if np.isfinite(train_tokens) and train_tokens > 0:
+        text += (f". Evaluation generated {total_tokens:,.0f} tokens against training's {train_tokens:,.0f} "
+                 f"({total_tokens / train_tokens:.1%})")
+    return text + "."
+
+
+def _tokens(x: Optional[float]) -> str:
+    return "–" if x is None or not np.isfinite(x) else f"{x:,.0f}"
 
 
 def _fmt(x: Optional[float]) -> str:
@@ -400,24 +536,22 @@ def build_blocks(f: Findings) -> list[Block]:
 
     blocks.append(Heading("Findings"))
     for finding in f.findings():
-        blocks += [Paragraph(finding.head), Bullets(finding.clauses), Paragraph(finding.summary)]
+        blocks += [Paragraph(f"{finding.head} {finding.overview}"), Bullets(finding.clauses)]
+        if finding.contrast:
+            blocks.append(Paragraph(finding.contrast))
+        blocks.append(Paragraph(finding.summary))
+    if f.law is not None:
+        blocks.append(Paragraph(f"**Covariance law.** {describe_scale(f.law.interval or f.law.step)}"))
 
-    blocks.append(Heading("Evaluation curves"))
+    blocks.append(Heading("Held-out expected reward"))
     for estimator in f.values_of("estimator"):
         for objective_set in f.values_of("objective_set"):
             if any(r.estimator == estimator and r.objective_set == objective_set for r in runs):
                 blocks.append(curves_figure(f, palette, estimator, objective_set))
 
-    blocks += [Heading("Per-objective change"), change_table(f.configs, f.split)]
-    blocks += [Heading("Interference rate"), rate_table(f)]
-
-    law = law_rows(runs)
-    if law:
-        blocks += [Heading("Covariance-law agreement"), Table(
-            ["algorithm", "pairs with a sign", "sign agreement", "correlation"],
-            [[r["algorithm"], f"{r['num_pairs']:.0f}", _fmt(r["sign_agreement"]), _fmt(r["correlation"])] for r in law],
-            "Predicted change Cov(r_j, w) (law/cov_w) against the change realised on the probe prompts "
-            "(law/realised), pooled over objectives and seeds; sign agreement leaves out pairs where either is 0.")]
+    blocks += [Heading("Per-objective change"), change_table(f)]
+    blocks += [Heading("Interference per algorithm"), interference_table(f)]
+    blocks += law_blocks(f)
 
     weight_images = [img for key in f.pareto if (img := weights_figure(f, palette, key)) is not None]
     if weight_images:
@@ -427,16 +561,19 @@ def build_blocks(f: Findings) -> list[Block]:
     pareto = pareto_figure(f, palette)
     if pareto is not None:
         blocks.append(pareto)
-    blocks.append(Table(["model", "estimator", "objectives", "on the front", "set hypervolume"],
-                        [[*key, ", ".join(c.label for c, on in zip(p.configs, p.on_front) if on),
-                          f"{p.hypervolume:.4f}"] for key, p in f.pareto.items()],
-                        f"{f.split} split; reference point = the mean start point."))
+    blocks.append(pareto_table(f))
 
     costs = cost_rows(runs)
-    if costs:
+    evaluation = evaluation_cost_rows(runs)
+    if costs or evaluation:
         blocks.append(Heading("Cost"))
-        image = cost_figure(costs, palette)
-        blocks += ([image] if image else []) + [cost_table(costs)]
+        sentence = evaluation_cost_sentence(evaluation)
+        if sentence:
+            blocks.append(Paragraph(sentence))
+        image = cost_figure(costs, palette) if costs else None
+        blocks += ([image] if image else []) + ([cost_table(costs)] if costs else [])
+        if any(k.endswith("_seconds") for r in evaluation for k in r):
+            blocks.append(evaluation_cost_table(evaluation))
 
     if f.study.skipped:
         blocks += [Heading("Runs not included"),

@@ -18,11 +18,11 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from trl import GRPOConfig
 
 from moalign.config import TrainConfig
+from moalign.diagnostics.runs import eval_cost
 from moalign.engine.evaluation import (
     EvalSettings,
     encode_prompts,
     eval_change_table,
-    eval_cost,
     evaluate_split,
     fixed_scalarization,
 )
