@@ -29,9 +29,9 @@ def paired_t(changes: np.ndarray) -> str:
 
 
 def markdown_row(markdown: str, *cells: str) -> list[str]:
-    """The cells of the first table row that starts with ``cells``."""
+    """The cells of the first table row that starts with ``cells``, Markdown's backslash escapes removed."""
     for line in markdown.splitlines():
-        row = [c.strip() for c in line.strip().strip("|").split(" | ")]
+        row = [re.sub(r"\\(.)", r"\1", c.strip()) for c in line.strip().strip("|").split(" | ")]
         if row[:len(cells)] == list(cells):
             return row
     raise AssertionError(f"no row starting with {cells}")
@@ -101,6 +101,48 @@ def test_a_degradation_shared_by_another_algorithm_is_said_so(tmp_path):
     assert finding.overview == "Verdicts: degradation under linear and pama."
 
 
+def test_each_algorithm_against_linear_is_a_paired_difference_per_prompt(three_algorithms, tmp_path):
+    # ctwa − linear per prompt: accuracy 0; conciseness TWELVE − SIX_LOST (prompts 0–3 and 10–11: +0.3); clarity
+    # 0 − (ONES − HALF) (−0.5); identical seeds, so each interval is the paired t over the prompts.
+    (finding,) = findings.Findings(findings.load_study(three_algorithms)).findings()
+    conciseness = paired_t(TWELVE - SIX_LOST)
+    clarity = paired_t(HALF - ONES)
+    score = paired_t((TWELVE - SIX_LOST + HALF - ONES) / 3)
+    assert finding.against_baseline[0] == (
+        f"Against linear (Δ − Δ_linear, 2 seeds paired), ctwa ends higher on conciseness ({conciseness}); ends lower on "
+        f"clarity ({clarity}); no difference detected on accuracy (+0.000 [+0.000, +0.000]) and the λ0-scalarized "
+        f"score ({score}).")
+    write_report(three_algorithms, out=tmp_path / "rep")
+    markdown = (tmp_path / "rep" / "report.md").read_text()
+    row = markdown_row(markdown, "ctwa", "tiny", "grpo", "2", "accuracy")
+    assert row[5:] == ["+0.500", "+0.500", "+0.000 [+0.000, +0.000]", ""]
+    assert markdown_row(markdown, "", "", "", "", "conciseness", "−0.200", "+0.100")[7:] == [conciseness, "higher"]
+
+
+def test_contrast_pairs_runs_by_seed_and_refuses_what_cannot_be_paired(tmp_path):
+    from moalign.diagnostics.crossed import change_interval
+    from moalign.diagnostics.interference import contrast
+    from moalign.diagnostics.runs import load_run
+
+    def run(weighting, seed, end, prompts=N):
+        path = tmp_path / f"{weighting}{seed}-{prompts}"
+        write_run(path, tiny_config(weighting, seed), {"accuracy": (np.zeros(prompts), end)})
+        return load_run(path)
+
+    rng = np.random.default_rng(0)
+    ends = {s: rng.integers(0, 2, N).astype(float) for s in range(5)}
+    linear = [run("linear", s, ends[s]) for s in (0, 1, 2)]
+    ctwa = [run("ctwa", s, ends[s + 1]) for s in (1, 2, 3)]  # seeds 1 and 2 in common
+    accuracy = contrast(linear, ctwa, "val")[0]
+    d = np.stack([ends[2] - ends[1], ends[3] - ends[2]])  # seed 1: ctwa ends[2] − linear ends[1]; seed 2 likewise
+    by_hand = change_interval(d)
+    assert accuracy.estimate.seeds == 2
+    assert accuracy.change == pytest.approx(d.mean())
+    assert accuracy.change_ci == pytest.approx(by_hand.interval)
+    assert contrast(linear[:1], ctwa[-1:], "val") is None  # seed 0 against seed 3: nothing to pair
+    assert contrast(linear[:1], [run("ctwa", 0, np.ones(N - 2), prompts=N - 2)], "val") is None  # other prompts
+
+
 # ------------------------------------------------------------------------------------------------ hypervolume
 
 
@@ -154,6 +196,15 @@ def test_agreement_bins_resolve_only_changes_above_the_noise():
     assert high.correlation_ci == pytest.approx((fisher.low, fisher.high))
     assert len(agreement_bins(predicted[:40], realised[:40], se[:40], num_bins=4, min_pairs=25)) == 1
     assert math.isnan(wilson_interval(0, 0)[0])
+
+
+def test_predictions_of_exactly_zero_form_one_bin():
+    from moalign.diagnostics.law import bin_parts
+    predicted = np.array([0.0] * 70 + list(np.linspace(0.01, 1.0, 50)))
+    parts = bin_parts(predicted, num_bins=4, min_pairs=25)
+    assert [len(p) for p in parts] == [70, 25, 25]
+    assert np.all(predicted[parts[0]] == 0) and np.all(predicted[parts[1]] < predicted[parts[2]].min())
+    assert [len(p) for p in bin_parts(predicted[60:], num_bins=4, min_pairs=25)] == [30, 30]  # 10 zeros: no own bin
 
 
 def test_evaluation_intervals_pair_summed_predictions_with_the_evaluations_change(tmp_path):

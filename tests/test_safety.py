@@ -343,6 +343,9 @@ def test_a_batch_that_cannot_fit_is_refused_before_sampling(capsys, tmp_path, mo
         raise AssertionError("sampled before the memory check")
 
     monkeypatch.setattr("moalign.engine.trainer.fast_generate", no_sampling)
+    # 200 000 sequences of tiny need ≈ 22 GB: pin the memory there is, so that the outcome does not depend on the
+    # machine's free memory
+    monkeypatch.setattr("moalign.engine.memory.available_bytes", lambda device: 8e9)
     run_dir = tmp_path / "run"
     err = one_line_error(capsys, ["train", *RUN, "rollout.group_size=100000", f"run_dir={run_dir}"],
                          "rollout.prompts_per_step × rollout.group_size = 2 × 100000 = 200000 sequences sampled at "

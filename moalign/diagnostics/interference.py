@@ -281,6 +281,72 @@ def interference_report(runs: Sequence[Run], split: str, settings: IntervalSetti
     return InterferenceReport(split, mode, changes, score, dict(weights), gain, len(runs), settings.confidence)
 
 
+@dataclass(frozen=True)
+class Contrast:
+    """How much more one configuration changed an objective than a baseline did, seeds paired by their seed.
+
+    For seed s in both configurations and prompt p, d[s, p] = Δ_other[s, p] − Δ_baseline[s, p] (each the prompt's
+    end − start). Runs that share a seed start from the same policy and draw the same evaluation completions
+    (common random numbers), so d is the difference of the two end policies; the S pairs are independent
+    replicates, and the crossed seeds × prompts interval of ``change_interval`` applies to d unchanged."""
+
+    objective: str
+    baseline_change: float  # mean Δ of the baseline over the paired seeds
+    other_change: float
+    estimate: ChangeEstimate
+
+    @property
+    def change(self) -> float:
+        return self.estimate.mean
+
+    @property
+    def change_ci(self) -> Interval:
+        return self.estimate.interval
+
+    @property
+    def higher(self) -> bool:
+        return self.estimate.rises
+
+    @property
+    def lower(self) -> bool:
+        return self.estimate.falls
+
+
+def contrast(baseline: Sequence[Run], other: Sequence[Run], split: str, settings: IntervalSettings = IntervalSettings()
+             ) -> Optional[list[Contrast]]:
+    """Δ_other − Δ_baseline per objective and for the fixed-scalarization score (last), over the seeds both ran;
+    None when they share no seed, no evaluation mode on ``split``, or their evaluations have different prompt
+    counts (different prompts cannot be paired)."""
+    pairs = [(b, o) for b in baseline for o in other if b.seed is not None and b.seed == o.seed]
+    if not pairs:
+        return None
+    try:
+        mode = common_mode([r for pair in pairs for r in pair], split)
+    except UserError:
+        return None
+    evaluations = [(b.evaluations_by_mode[mode][split], o.evaluations_by_mode[mode][split]) for b, o in pairs]
+    weights = baseline[0].scalarization
+    if weights != other[0].scalarization:
+        return None  # different λ0: their scores are different functions
+
+    def table(e, objective: str) -> np.ndarray:
+        return e.scalarized(weights) if objective == SCORE else e.per_prompt[objective]
+
+    out = []
+    for objective in [*baseline[0].objectives, SCORE]:
+        tables = [(table(eb, objective), table(eo, objective)) for eb, eo in evaluations]
+        if any(tb.shape[1] != to.shape[1] for tb, to in tables):
+            return None
+        b_changes = np.stack([tb[-1] - tb[0] for tb, _ in tables])
+        o_changes = np.stack([to[-1] - to[0] for _, to in tables])
+        try:
+            estimate = change_interval(o_changes - b_changes, settings.confidence)
+        except ValueError:
+            return None
+        out.append(Contrast(objective, float(np.nanmean(b_changes)), float(np.nanmean(o_changes)), estimate))
+    return out
+
+
 def interference_summary(run_dir: Path | str, split: Optional[str] = None,
                          settings: IntervalSettings = IntervalSettings()) -> dict[str, Any]:
     """One run's report as a dict, to merge into its summary.json under "interference"."""

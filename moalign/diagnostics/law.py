@@ -244,12 +244,18 @@ def agreement_bin(predicted: np.ndarray, realised: np.ndarray, se: np.ndarray, c
 
 def bin_parts(predicted: Sequence[float], num_bins: int = 4, min_pairs: int = 25) -> list[np.ndarray]:
     """Indices of the pairs in each bin: bins of equal count by |predicted| (smallest first), at most ``num_bins``,
-    each with at least ``min_pairs`` pairs (one bin when there are fewer)."""
-    p = np.asarray(predicted, dtype=float)
+    each with at least ``min_pairs`` pairs (one bin when there are fewer). Predictions of exactly 0 (a batch whose
+    rewards for the objective did not vary) form a bin of their own when there are ``min_pairs`` of them, so that
+    equal counts do not cut them into several bins with the same edges."""
+    p = np.abs(np.asarray(predicted, dtype=float))
     if not len(p):
         return []
-    bins = max(1, min(num_bins, len(p) // min_pairs))
-    return np.array_split(np.argsort(np.abs(p), kind="stable"), bins)
+    order = np.argsort(p, kind="stable")
+    zeros = int(np.sum(p == 0))
+    if zeros >= min_pairs and len(p) - zeros >= min_pairs and num_bins > 1:
+        rest = order[zeros:]
+        return [order[:zeros], *np.array_split(rest, max(1, min(num_bins - 1, len(rest) // min_pairs)))]
+    return np.array_split(order, max(1, min(num_bins, len(p) // min_pairs)))
 
 
 def agreement_bins(predicted: Sequence[float], realised: Sequence[float], se: Sequence[float], num_bins: int = 4,

@@ -3,8 +3,8 @@
 Sections, in order: findings (sentences generated from the verdicts and intervals) · held-out expected reward per
 objective and algorithm, one panel per model × objective (the paper's Figure 1 layout), mean over seeds with a
 min–max band · per-objective change table with 95% intervals, verdicts and hypervolumes · interference per algorithm
-· covariance-law agreement where it is measurable (when runs log ``law/cov_w/<objective>``) · weight trajectories ·
-Pareto scatter of the final points with the hypervolume's reference point · cost of training and of evaluation. The
+· each algorithm against linear (seeds paired) · covariance-law agreement where it is measurable (when runs log
+``law/cov_w/<objective>``) · weight trajectories · Pareto scatter of the final points with the hypervolume's reference point · cost of training and of evaluation. The
 numbers come from ``moalign.study.findings`` and ``moalign.study.agreement``.
 
 The document is a list of blocks (headings, paragraphs, tables, images) rendered twice: HTML with every figure embedded
@@ -33,14 +33,18 @@ from matplotlib.ticker import MaxNLocator
 from moalign.diagnostics.law import AgreementBin
 from moalign.study.agreement import EVALUATION, LawScale, describe_scale
 from moalign.study.findings import (
+    BASELINE,
     Findings,
     StudyRun,
     comparison_key,
+    contrast_name,
+    contrasts,
     cost_rows,
     evaluation_cost_rows,
     join,
     load_study,
     own_verdicts,
+    signed,
     with_interval,
 )
 
@@ -382,6 +386,26 @@ def interference_table(f: Findings) -> Table:
                  f"counted per algorithm.")
 
 
+def baseline_table(f: Findings) -> Optional[Table]:
+    """Per algorithm and objective: its change minus the baseline's, seeds paired (None without a baseline)."""
+    rows = []
+    for key, pareto in f.pareto.items():
+        for c, found in contrasts(pareto.configs, f.split):
+            for k, item in enumerate(found):
+                flag = "higher" if item.higher else "lower" if item.lower else ""
+                head = [c.label, c.first.model, c.first.estimator, str(item.estimate.seeds)] if k == 0 else [""] * 4
+                rows.append(head + [contrast_name(item.objective), signed(item.baseline_change),
+                                    signed(item.other_change), with_interval(item), flag])
+    if not rows:
+        return None
+    return Table(["algorithm", "model", "estimator", "seeds paired", "objective", f"Δ {BASELINE}", "Δ algorithm",
+                  f"Δ − Δ {BASELINE} [95% CI]", "flag"], rows,
+                 f"{f.split} split. Runs with the same seed start from the same policy and draw the same evaluation "
+                 f"completions, so each seed gives a paired difference per prompt; the interval is the crossed seeds "
+                 f"× prompts interval of those differences (docs/statistics.md). higher / lower: the whole interval "
+                 f"is above / below 0. Each interval is 95% on its own, with no adjustment for the number of rows.")
+
+
 def _rate(count: tuple[int, int]) -> str:
     return "–" if not count[1] else f"{count[0]}/{count[1]} ({count[0] / count[1]:.0%})"
 
@@ -404,7 +428,7 @@ def _resolved(b: AgreementBin) -> str:
 
 
 def law_bin_table(scale: LawScale) -> Table:
-    rows = [[f"{b.low:.3g} – {b.high:.3g}", str(b.pairs), _fmt(b.noise), _fmt(b.signal), _snr(b), _resolved(b),
+    rows = [[f"{b.low:.3g} – {b.high:.3g}" if b.high > b.low else f"{b.low:.3g}", str(b.pairs), _fmt(b.noise), _fmt(b.signal), _snr(b), _resolved(b),
              _interval(b.sign_agreement, b.sign_agreement_ci), _interval(b.correlation, b.correlation_ci, sign=True)]
             for b in scale.bins]
     what = ("Σ of the per-step predictions Cov(r_j, w) over each interval between two val evaluations against the "
@@ -413,7 +437,8 @@ def law_bin_table(scale: LawScale) -> Table:
             "completions; standard error over completions)")
     return Table(["|predicted|", "pairs", "noise", "signal", "signal/noise", "resolved", "sign agreement [95% CI]",
                   "correlation [95% CI]"], rows,
-                 f"{what}, pooled over objectives, runs and algorithms, in bins of equal count by |predicted|. noise: "
+                 f"{what}, pooled over objectives, runs and algorithms, in bins of equal count by |predicted| (predictions of "
+                 f"exactly 0, from batches whose rewards did not vary, in a bin of their own). noise: "
                  f"root mean square of the realised changes' standard errors; signal: √max(0, mean realised² − "
                  f"noise²), the policy's change beyond it; resolved: signal ≥ noise. Where the changes are within "
                  f"noise a true and a false law both agree about half of the time, so agreement there does not "
@@ -537,6 +562,8 @@ def build_blocks(f: Findings) -> list[Block]:
     blocks.append(Heading("Findings"))
     for finding in f.findings():
         blocks += [Paragraph(f"{finding.head} {finding.overview}"), Bullets(finding.clauses)]
+        if finding.against_baseline:
+            blocks.append(Bullets(finding.against_baseline))
         if finding.contrast:
             blocks.append(Paragraph(finding.contrast))
         blocks.append(Paragraph(finding.summary))
@@ -551,6 +578,9 @@ def build_blocks(f: Findings) -> list[Block]:
 
     blocks += [Heading("Per-objective change"), change_table(f)]
     blocks += [Heading("Interference per algorithm"), interference_table(f)]
+    against = baseline_table(f)
+    if against is not None:
+        blocks += [Heading(f"Against {BASELINE}"), against]
     blocks += law_blocks(f)
 
     weight_images = [img for key in f.pareto if (img := weights_figure(f, palette, key)) is not None]
