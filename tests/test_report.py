@@ -109,7 +109,7 @@ def test_each_algorithm_against_linear_is_a_paired_difference_per_prompt(three_a
     clarity = paired_t(HALF - ONES)
     score = paired_t((TWELVE - SIX_LOST + HALF - ONES) / 3)
     assert finding.against_baseline[0] == (
-        f"Against linear (Δ − Δ_linear, 2 seeds paired), ctwa ends higher on conciseness ({conciseness}); ends lower on "
+        f"Against linear (Δ − Δ_linear, 2 seeds paired), ctwa: ends higher on conciseness ({conciseness}); ends lower on "
         f"clarity ({clarity}); no difference detected on accuracy (+0.000 [+0.000, +0.000]) and the λ0-scalarized "
         f"score ({score}).")
     write_report(three_algorithms, out=tmp_path / "rep")

@@ -564,3 +564,21 @@ def test_a_small_study_on_the_tiny_model_runs_resumes_and_reports(tmp_path):
     html = write_report(out).read_text()
     findings_list = html.split("<h2>Findings</h2>")[1].split("</ul>")[0]
     assert "linear" in findings_list and "ctwa" in findings_list and len(embedded_pngs(html)) == 4
+
+
+def test_a_study_run_writes_its_warnings_to_its_directory_not_the_terminal(tmp_path, capsys, monkeypatch):
+    from moalign.diagnostics.law import LawMonitor
+
+    monkeypatch.setattr(LawMonitor, "warnings", lambda self: ["clarity is likely to degrade", "accuracy too"])
+    cfg = TrainConfig(model={"name": "tiny"}, steps=2, eval={"every": 0, "test_at_end": False, "num_prompts": 2},
+                      rollout={"prompts_per_step": 2, "group_size": 2, "max_new_tokens": 8},
+                      diagnostics={"probe_prompts": 0})
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    runner.train_run(cfg, run_dir, False, lambda step: None)
+    assert "warning" not in capsys.readouterr().out
+    assert (run_dir / runner.WARNINGS_FILE).read_text().splitlines() == [
+        "step 1: warning: clarity is likely to degrade", "step 1: warning: accuracy too",
+        "step 2: warning: clarity is likely to degrade", "step 2: warning: accuracy too"]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["law/warning"] for r in records if "law/warning" in r] == ["clarity is likely to degrade; accuracy too"] * 2

@@ -125,8 +125,22 @@ def t_interval(values: np.ndarray, confidence: float) -> Interval:
     return float(mean - half_width), float(mean + half_width)
 
 
+class _Estimated:
+    """A change with its interval (``estimate``, a ``ChangeEstimate``)."""
+
+    estimate: ChangeEstimate
+
+    @property
+    def change(self) -> float:
+        return self.estimate.mean
+
+    @property
+    def change_ci(self) -> Interval:
+        return self.estimate.interval
+
+
 @dataclass(frozen=True)
-class ObjectiveChange:
+class ObjectiveChange(_Estimated):
     """How one objective (or the fixed-scalarization score) moved between the first and the last evaluation of one
     run or of the seeds of one configuration, with confidence intervals."""
 
@@ -137,14 +151,6 @@ class ObjectiveChange:
     estimate: ChangeEstimate  # Δ and its interval
     best_change_ci: Interval
     area_under_degradation: float  # mean over seeds
-
-    @property
-    def change(self) -> float:
-        return self.estimate.mean
-
-    @property
-    def change_ci(self) -> Interval:
-        return self.estimate.interval
 
     @property
     def best_change(self) -> float:
@@ -282,7 +288,7 @@ def interference_report(runs: Sequence[Run], split: str, settings: IntervalSetti
 
 
 @dataclass(frozen=True)
-class Contrast:
+class Contrast(_Estimated):
     """How much more one configuration changed an objective than a baseline did, seeds paired by their seed.
 
     For seed s in both configurations and prompt p, d[s, p] = Δ_other[s, p] − Δ_baseline[s, p] (each the prompt's
@@ -294,14 +300,6 @@ class Contrast:
     baseline_change: float  # mean Δ of the baseline over the paired seeds
     other_change: float
     estimate: ChangeEstimate
-
-    @property
-    def change(self) -> float:
-        return self.estimate.mean
-
-    @property
-    def change_ci(self) -> Interval:
-        return self.estimate.interval
 
     @property
     def higher(self) -> bool:

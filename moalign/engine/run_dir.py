@@ -31,7 +31,7 @@ LOCK_FILE = ".moalign.lock"
 # what the engines and the study runner write in a run directory (names starting with "." and ending in ".tmp" are
 # their temporary files: .config.yaml.tmp, .summary.json.tmp, .model.tmp)
 RUN_ENTRIES = frozenset({"config.yaml", "metrics.jsonl", "summary.json", "checkpoints", "model", "tensorboard",
-                         "error.txt", "report", LOCK_FILE})  # report: `moalign report RUN_DIR`'s default place
+                         "error.txt", "warnings.log", "report", LOCK_FILE})  # report: `moalign report RUN_DIR`'s default place
 
 
 def write_atomically(path: Path, text: str) -> None:

@@ -152,10 +152,14 @@ class Scored:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: Path, resume: bool = False,
-                 callbacks: list[Callable[[dict], None]] | None = None):
+                 callbacks: list[Callable[[dict], None]] | None = None,
+                 on_warning: Callable[[str], None] | None = None):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.callbacks = callbacks or []
+        # the law monitor's warnings ("step 12: warning: …"): printed above the progress bar unless the caller
+        # routes them elsewhere (a study writes them to each run's warnings.log)
+        self.on_warning = on_warning or tqdm_write
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         seed_everything(cfg.seed)
@@ -500,9 +504,11 @@ class Trainer:
             after = self._probe_rewards()
             out.update(self.law.realise(self._probe_last, after))
             self._probe_last = after
-        for message in self.law.warnings():
-            out.setdefault("law/warning", message)
-            tqdm_write(f"step {self.step_idx}: warning: {message}")
+        messages = self.law.warnings()
+        if messages:
+            out["law/warning"] = "; ".join(messages)
+        for message in messages:
+            self.on_warning(f"step {self.step_idx}: warning: {message}")
         return out
 
     @torch.no_grad()

@@ -535,7 +535,7 @@ def contrast_name(objective: str) -> str:
 
 
 def describe_contrast(config: ConfigResult, found: Sequence[Contrast], baseline: str = BASELINE) -> str:
-    """"Against linear (Δ − Δ_linear, 4 seeds paired), ctwa ends lower on accuracy (−0.041 […]); no difference
+    """"Against linear (Δ − Δ_linear, 4 seeds paired), ctwa: ends lower on accuracy (−0.041 […]); no difference
     detected on conciseness (−0.061 […]), clarity (…) and the λ0-scalarized score (…)." Paired seeds start from the
     same policy, so a difference of changes is a difference of end points."""
     more = [c for c in found if c.higher]
@@ -548,7 +548,7 @@ def describe_contrast(config: ConfigResult, found: Sequence[Contrast], baseline:
     parts = [f"ends higher on {named(more)}" if more else "", f"ends lower on {named(less)}" if less else "",
              f"no difference detected on {named(same)}" if same else ""]
     pairs = found[0].estimate.seeds
-    return (f"Against {baseline} (Δ − Δ_{baseline}, {pairs} seed{'s' if pairs > 1 else ''} paired), {config.label} "
+    return (f"Against {baseline} (Δ − Δ_{baseline}, {pairs} seed{'s' if pairs > 1 else ''} paired), {config.label}: "
             + "; ".join(p for p in parts if p) + ".")
 
 

@@ -80,10 +80,22 @@ def train_run(cfg: TrainConfig, run_dir: Path, resume: bool, on_step: Callable[[
             return summary
         from moalign.engine.trainer import Trainer
 
-        trainer = Trainer(cfg, run_dir, resume=resume)
+        trainer = Trainer(cfg, run_dir, resume=resume, on_warning=_warnings_log(run_dir))
         summary = trainer.run(lambda step, total, record: on_step(step))
         write_summary(run_dir, summary)
         return summary
+
+
+WARNINGS_FILE = "warnings.log"  # in a study, a run's warnings (listed in engine.run_dir.RUN_ENTRIES)
+
+
+def _warnings_log(run_dir: Path) -> Callable[[str], None]:
+    """A run's warnings appended to ``warnings.log`` in its directory: under one study bar, lines from many runs
+    without their run's name would only be noise."""
+    def write(message: str) -> None:
+        with (run_dir / WARNINGS_FILE).open("a", encoding="utf-8") as f:
+            f.write(message + "\n")
+    return write
 
 
 def plan_run(run_dir: Path) -> Plan:
