@@ -12,6 +12,7 @@ weightings' parameters set pydantic's ``allow_inf_nan=False``), with the key nam
 from __future__ import annotations
 
 import copy
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -305,6 +306,15 @@ class TrainConfig(Section):
         if v is not None and "\0" in v:
             raise ValueError("contains a NUL character; name a directory")
         return None if v is None else str(Path(v).expanduser())  # never a folder literally named "~"
+
+    @field_validator("threads")
+    @classmethod
+    def _threads(cls, v):
+        cores = os.cpu_count() or 1
+        if v is not None and v > 4 * cores:  # torch starts them all: tens of thousands end in MemoryError
+            raise ValueError(f"{v} is more than 4 × the {cores} cores here; torch starts that many threads and more "
+                             f"than the cores only slows it down: use at most {cores}")
+        return v
 
     @field_validator("device")
     @classmethod

@@ -373,6 +373,9 @@ NON_FINITE_OR_DEGENERATE = [
     (["weighting=linear", "weighting.weights=[0,0,0]"], "weighting.weights: weights are all 0: no objective would "
                                                         "give a training signal"),
     (["weighting.init_weights=[1,.inf,1]"], "weighting.init_weights.1: Input should be a finite number"),
+    (["threads=100000"], "threads: 100000 is more than 4 × the"),
+    (["weighting=linear", "weighting.weights=[1e308,1,1]"], "weighting.weights: 1e+308 is too large to compute with"),
+    (["weighting.cov_targets=[1e39,0.1,0.1]"], "weighting.cov_targets: 1e+39 is too large to compute with"),
     (["diagnostics.j_star=.nan"], "diagnostics.j_star: Input should be a finite number"),
     (["optim.betas=[0.9,1.5]"], "optim.betas: AdamW's betas must each be in [0, 1)"),
     (["seed=-1"], "seed: Input should be greater than or equal to 0"),

@@ -72,12 +72,19 @@ def per_objective_advantages(
     return torch.stack(columns, dim=1)
 
 
+FLOAT32_LIMIT = 1e38  # the largest user value accepted where it enters float32 arithmetic (float32 max ≈ 3.4e38)
+
+
 def user_vector(values: Optional[Sequence[float]], length: int, field: str, per: str = "objective") -> torch.Tensor:
     """A user-given list as a float64 tensor of ``length`` entries, one per ``per``; ``None`` means uniform 1/length."""
     if values is None:
         return torch.full((length,), 1.0 / length, dtype=torch.float64)
     if len(values) != length:
         raise UserError(f"{field} has {len(values)} values but needs {length}: give one value per {per}")
+    too_large = [v for v in values if abs(v) > FLOAT32_LIMIT]
+    if too_large:  # the training signal is float32: such a value becomes inf and every advantage NaN
+        raise UserError(f"{field}: {too_large[0]:g} is too large to compute with (the training signal is float32, "
+                        f"which ends at 3.4e38); use values of at most {FLOAT32_LIMIT:g}")
     return torch.tensor(list(values), dtype=torch.float64)
 
 
