@@ -6,14 +6,30 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from moalign.errors import UserError
 
 
 def cache_root() -> Path:
     return Path(os.environ.get("MOALIGN_CACHE", Path.home() / ".cache" / "moalign"))
+
+
+@contextmanager
+def fixed_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to ``n`` for a build, the caller's count restored after. How many threads split a
+    sum changes its rounding, and over a warm-up of many steps the rounding changes the model: a model built on first
+    use must not depend on the thread setting of whichever command happened to build it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def save_built_model(folder: Path, build: Callable[[], tuple[Any, Any]]) -> None:

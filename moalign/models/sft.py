@@ -1,9 +1,8 @@
 """The ``smollm2-135m-sft`` starting point: the embedded SmolLM2-135M-Instruct after a short supervised pass on the
 arithmetic task's answer format.
 
-The ``smol`` study compares algorithms from two starting points, the model as shipped and this one, because whether
-objectives interfere depends on where training starts (METHOD §8: the constants of the model's geometry). As shipped
-the model follows the answer format only when prompted with an example (moalign's default SmolLM2 system message) and
+The ``smol`` study starts from it rather than from the model as shipped: whether objectives interfere depends on
+where training starts (METHOD §8: the constants of the model's geometry), and as shipped the model follows the answer format only when prompted with an example (moalign's default SmolLM2 system message) and
 often runs to the token limit; after this pass it answers in the format all three objectives reward, with the chat
 template's own system message (the one the pass trains with).
 
@@ -15,8 +14,8 @@ contains a val or test question, see ``moalign.data.arithmetic``), each answered
     Step 3: The answer is \\boxed{9}.
 
 then one epoch of AdamW on −Σ log π(answer tokens | chat prompt) with a linear warm-up and decay — the loop that
-warms up the ``tiny`` model (``moalign.models.tiny.warm_up``): 8 steps of 8 sequences, ≈ 3 min on 2 idle CPU cores
-(8 min measured with the cores shared), once.
+warms up the ``tiny`` model (``moalign.models.tiny.warm_up``): 8 steps of 8 sequences on 2 torch threads whatever the
+caller's setting (``SFTRecipe.threads``: the result depends on the count), under a minute on 2 idle CPU cores, once.
 
 The result is cached under ``<cache>/smollm2-135m-sft-<hash>`` (the hash covers the recipe and the source of this
 module and of the problem generator), written under a temporary name and renamed so that a crash never leaves a
@@ -38,7 +37,7 @@ import torch
 import moalign.data.arithmetic as arithmetic
 from moalign.data.arithmetic import ArithmeticProblem, generate_problems, solution_steps
 from moalign.data.base import DEFAULT_PROMPT_SUFFIX
-from moalign.models.cache import cache_root, save_built_model
+from moalign.models.cache import cache_root, fixed_threads, save_built_model
 
 SFT_MODEL_NAME = "smollm2-135m-sft"
 
@@ -53,6 +52,9 @@ class SFTRecipe:
     lr_warmup_steps: int = 2
     final_lr_fraction: float = 0.1
     seed: int = 0
+    # torch threads of the pass, whatever the caller's (models.cache.fixed_threads): 2, the count the published
+    # smol results were made with
+    threads: int = 2
 
 
 def sft_answer(problem: ArithmeticProblem) -> str:
@@ -91,7 +93,7 @@ def fine_tune(recipe: SFTRecipe, progress: bool = True):
 
     model, tokenizer = load_smollm2(torch.float32)
     prompts, answers = sft_examples(recipe)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), fixed_threads(recipe.threads):
         torch.manual_seed(recipe.seed)
         warm_up(model, tokenizer, prompts, answers, recipe, progress=progress)
     return model.eval(), tokenizer

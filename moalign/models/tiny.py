@@ -51,7 +51,7 @@ from transformers import (
 import moalign.data.arithmetic as arithmetic
 from moalign.data.arithmetic import ArithmeticProblem, generate_problems, solution_steps
 from moalign.data.base import DEFAULT_PROMPT_SUFFIX
-from moalign.models.cache import cache_root, save_built_model
+from moalign.models.cache import cache_root, fixed_threads, save_built_model
 
 PAD, EOS = "<|pad|>", "<|eos|>"
 # "Q: {user}\n" per user turn, "A: {assistant}<|eos|>\n" per assistant turn; the generation prompt is "A:".
@@ -89,6 +89,9 @@ class TinyRecipe:
     p_boxed_short: float = 0.5
     p_wrong_step_by_step: float = 0.15
     p_wrong_short: float = 0.3
+    # torch threads of the build, whatever the caller's (models.cache.fixed_threads): 1, the count the published
+    # tiny results were made with
+    threads: int = 1
 
 
 def load_tiny(cache_dir: Path | None = None, seed: int = 0, progress: bool = True,
@@ -119,7 +122,7 @@ def build_tiny(recipe: TinyRecipe, seed: int, progress: bool) -> tuple[PreTraine
     questions = [p.question + DEFAULT_PROMPT_SUFFIX for p in problems]
     answers = [warmup_answer(p, rng, recipe) for p in problems]
     tokenizer = train_tokenizer(questions + answers, recipe.vocab_size)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), fixed_threads(recipe.threads):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(model_config(recipe, tokenizer))
         warm_up(model, tokenizer, questions, answers, recipe, progress)
