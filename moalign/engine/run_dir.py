@@ -30,8 +30,9 @@ from moalign.errors import UserError
 LOCK_FILE = ".moalign.lock"
 # what the engines and the study runner write in a run directory (names starting with "." and ending in ".tmp" are
 # their temporary files: .config.yaml.tmp, .summary.json.tmp, .model.tmp)
+WARNINGS_FILE = "warnings.log"  # a study run's warnings (study.runner), which `moalign train` prints instead
 RUN_ENTRIES = frozenset({"config.yaml", "metrics.jsonl", "summary.json", "checkpoints", "model", "tensorboard",
-                         "error.txt", "warnings.log", "report", LOCK_FILE})  # report: `moalign report RUN_DIR`'s default place
+                         "error.txt", WARNINGS_FILE, "report", LOCK_FILE})  # report: `moalign report RUN_DIR`'s place
 
 
 def write_atomically(path: Path, text: str) -> None:

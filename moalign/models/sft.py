@@ -1,10 +1,11 @@
 """The ``smollm2-135m-sft`` starting point: the embedded SmolLM2-135M-Instruct after a short supervised pass on the
 arithmetic task's answer format.
 
-The ``smol`` study starts from it rather than from the model as shipped: whether objectives interfere depends on
-where training starts (METHOD §8: the constants of the model's geometry), and as shipped the model follows the answer format only when prompted with an example (moalign's default SmolLM2 system message) and
-often runs to the token limit; after this pass it answers in the format all three objectives reward, with the chat
-template's own system message (the one the pass trains with).
+The ``smol`` study starts from it rather than from the model as shipped: whether objectives interfere depends on where
+training starts (METHOD §8: the constants of the model's geometry), and as shipped the model follows the answer format
+only when prompted with an example (moalign's default SmolLM2 system message) and often runs to the token limit; after
+this pass it answers in the format all three objectives reward, with the chat template's own system message (the one the
+pass trains with).
 
 Recipe (``SFTRecipe``): arithmetic problems of difficulty 1 and 2 from the generator's *train* split (which never
 contains a val or test question, see ``moalign.data.arithmetic``), each answered correctly, step by step and boxed::

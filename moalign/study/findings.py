@@ -364,8 +364,9 @@ def cost_rows(runs: Sequence[StudyRun]) -> list[dict[str, Any]]:
 
 def evaluation_cost_rows(runs: Sequence[StudyRun]) -> list[dict[str, Any]]:
     """Per (algorithm, model), summed over its runs: training seconds (Σ ``perf/step_s``; of them the end-of-step
-    diagnostics, law monitor and probe, Σ ``time/diagnostics_s`` + ``time/probe_s``) and generated tokens (Σ ``train/length/mean`` × completions per step), and each evaluation mode's
-    seconds, completions and tokens (``engine.evaluation.eval_cost``); NaN where the runs did not log it."""
+    diagnostics, law monitor and probe, Σ ``time/diagnostics_s`` + ``time/probe_s``) and generated tokens
+    (Σ ``train/length/mean`` × completions per step), and each evaluation mode's seconds, completions and tokens
+    (``diagnostics.runs.eval_cost``); NaN where the runs did not log it."""
     grouped: dict[tuple[str, str], list[StudyRun]] = defaultdict(list)
     for r in runs:
         grouped[(r.algorithm, r.model)].append(r)
@@ -487,7 +488,10 @@ def verdict_overview(configs: Sequence[ConfigResult], split: str) -> str:
                                              if labels) + "."
 
 
-def baseline_contrast(configs: Sequence[ConfigResult], split: str, baseline: str = "linear") -> Optional[str]:
+BASELINE = "linear"  # the algorithm every other one is compared with
+
+
+def baseline_contrast(configs: Sequence[ConfigResult], split: str, baseline: str = BASELINE) -> Optional[str]:
     """For each objective that degrades under the baseline, how every other algorithm fares on it: "conciseness,
     which degrades under linear (−0.186 […]): rises under ctwa (+0.113 […]); no effect detected under mgda (…)"."""
     base = next((c for c in configs if c.first.algorithm == baseline and split in c.reports), None)
@@ -508,9 +512,6 @@ def baseline_contrast(configs: Sequence[ConfigResult], split: str, baseline: str
         sentences.append(f"{change.objective.capitalize()}, which degrades under {base.label} "
                          f"({with_interval(change)}): {'; '.join(told)}.")
     return " ".join(sentences) or None
-
-
-BASELINE = "linear"  # the algorithm every other one is compared with, seeds paired
 
 
 def contrasts(configs: Sequence[ConfigResult], split: str, baseline: str = BASELINE
@@ -565,7 +566,7 @@ class Finding:
 
 
 def finding_for(pareto: ParetoSet, key: tuple[str, str, str], split: str, selection: Optional[ParetoSet],
-                selection_split: str) -> Finding:
+                selection_split: str, paired: Sequence[tuple[ConfigResult, list[Contrast]]]) -> Finding:
     model, estimator, objective_set = key
     seeds = "/".join(str(n) for n in sorted({len(c.runs) for c in pareto.configs}))
     head = f"**{model}** ({estimator}; objectives {objective_set}; {split} split; {seeds} seed(s) per algorithm):"
@@ -581,7 +582,7 @@ def finding_for(pareto: ParetoSet, key: tuple[str, str, str], split: str, select
                 f"start {pareto.start_hypervolume:.3f}).")
     return Finding(head, verdict_overview(pareto.configs, split), describe_configs(pareto.configs, split),
                    baseline_contrast(pareto.configs, split),
-                   [describe_contrast(c, found) for c, found in contrasts(pareto.configs, split)], summary)
+                   [describe_contrast(c, found) for c, found in paired], summary)
 
 
 @dataclass
@@ -605,13 +606,18 @@ class Findings:
         return self.study.runs
 
     @cached_property
+    def contrasts(self) -> dict[tuple[str, str, str], list[tuple[ConfigResult, list[Contrast]]]]:
+        """Per comparison: each non-baseline configuration with its paired contrasts against the baseline."""
+        return {key: contrasts(p.configs, self.split) for key, p in self.pareto.items()}
+
+    @cached_property
     def law(self) -> Optional[LawEvidence]:
         """The covariance law's agreement at both scales (None when no run logged the law monitor)."""
         return law_evidence(self.runs)
 
     def findings(self) -> list[Finding]:
         selection = pareto_sets(self.configs, self.selection_split)
-        return [finding_for(p, key, self.split, selection.get(key), self.selection_split)
+        return [finding_for(p, key, self.split, selection.get(key), self.selection_split, self.contrasts[key])
                 for key, p in self.pareto.items()]
 
     def values_of(self, attribute: str) -> list[str]:

@@ -1,11 +1,12 @@
 """``moalign report DIR``: a study (or a single run) as one self-contained HTML page, a Markdown page and PNG figures.
 
 Sections, in order: findings (sentences generated from the verdicts and intervals) · held-out expected reward per
-objective and algorithm, one panel per model × objective (the paper's Figure 1 layout), mean over seeds with a
-min–max band · per-objective change table with 95% intervals, verdicts and hypervolumes · interference per algorithm
-· each algorithm against linear (seeds paired) · covariance-law agreement where it is measurable (when runs log
-``law/cov_w/<objective>``) · weight trajectories · Pareto scatter of the final points with the hypervolume's reference point · cost of training and of evaluation. The
-numbers come from ``moalign.study.findings`` and ``moalign.study.agreement``.
+objective and algorithm, one panel per model × objective (the paper's Figure 1 layout), mean over seeds with a min–max
+band · per-objective change table with 95% intervals, verdicts and hypervolumes · interference per algorithm · each
+algorithm against linear (seeds paired) · covariance-law agreement where it is measurable (when runs log
+``law/cov_w/<objective>``) · weight trajectories · Pareto scatter of the final points with the hypervolume's reference
+point · cost of training and of evaluation. The numbers come from ``moalign.study.findings`` and
+``moalign.study.agreement``.
 
 The document is a list of blocks (headings, paragraphs, tables, images) rendered twice: HTML with every figure embedded
 as a base64 PNG (one file to share), and Markdown with the figures as PNG files in ``figures/`` next to it.
@@ -38,7 +39,6 @@ from moalign.study.findings import (
     StudyRun,
     comparison_key,
     contrast_name,
-    contrasts,
     cost_rows,
     evaluation_cost_rows,
     join,
@@ -389,8 +389,8 @@ def interference_table(f: Findings) -> Table:
 def baseline_table(f: Findings) -> Optional[Table]:
     """Per algorithm and objective: its change minus the baseline's, seeds paired (None without a baseline)."""
     rows = []
-    for key, pareto in f.pareto.items():
-        for c, found in contrasts(pareto.configs, f.split):
+    for paired in f.contrasts.values():
+        for c, found in paired:
             for k, item in enumerate(found):
                 flag = "higher" if item.higher else "lower" if item.lower else ""
                 head = [c.label, c.first.model, c.first.estimator, str(item.estimate.seeds)] if k == 0 else [""] * 4
@@ -428,8 +428,9 @@ def _resolved(b: AgreementBin) -> str:
 
 
 def law_bin_table(scale: LawScale) -> Table:
-    rows = [[f"{b.low:.3g} – {b.high:.3g}" if b.high > b.low else f"{b.low:.3g}", str(b.pairs), _fmt(b.noise), _fmt(b.signal), _snr(b), _resolved(b),
-             _interval(b.sign_agreement, b.sign_agreement_ci), _interval(b.correlation, b.correlation_ci, sign=True)]
+    rows = [[f"{b.low:.3g} – {b.high:.3g}" if b.high > b.low else f"{b.low:.3g}", str(b.pairs), _fmt(b.noise),
+             _fmt(b.signal), _snr(b), _resolved(b), _interval(b.sign_agreement, b.sign_agreement_ci),
+             _interval(b.correlation, b.correlation_ci, sign=True)]
             for b in scale.bins]
     what = ("Σ of the per-step predictions Cov(r_j, w) over each interval between two val evaluations against the "
             "evaluation's change (paired prompts; standard error over prompts)" if scale.scale == EVALUATION else
@@ -437,14 +438,13 @@ def law_bin_table(scale: LawScale) -> Table:
             "completions; standard error over completions)")
     return Table(["|predicted|", "pairs", "noise", "signal", "signal/noise", "resolved", "sign agreement [95% CI]",
                   "correlation [95% CI]"], rows,
-                 f"{what}, pooled over objectives, runs and algorithms, in bins of equal count by |predicted| (predictions of "
-                 f"exactly 0, from batches whose rewards did not vary, in a bin of their own). noise: "
+                 f"{what}, pooled over objectives, runs and algorithms, in bins of equal count by |predicted| "
+                 f"(predictions of exactly 0, from batches whose rewards did not vary, in a bin of their own). noise: "
                  f"root mean square of the realised changes' standard errors; signal: √max(0, mean realised² − "
                  f"noise²), the policy's change beyond it; resolved: signal ≥ noise. Where the changes are within "
                  f"noise a true and a false law both agree about half of the time, so agreement there does not "
-                 f"measure the law. Sign agreement "
-                 f"leaves out pairs where either change is 0 (Wilson interval); correlation with its Fisher-z "
-                 f"interval; both treat pairs as independent.")
+                 f"measure the law. Sign agreement leaves out pairs where either change is 0 (Wilson interval); "
+                 f"correlation with its Fisher-z interval; both treat pairs as independent.")
 
 
 def law_algorithm_table(scale: LawScale) -> Table:
@@ -453,8 +453,9 @@ def law_algorithm_table(scale: LawScale) -> Table:
             for algorithm, b in scale.algorithms.items()]
     return Table(["algorithm", "pairs", "noise", "signal", "signal/noise", "resolved", "sign agreement [95% CI]",
                   "correlation [95% CI]"], rows,
-                 f"The same pairs per algorithm ({'per evaluation interval' if scale.scale == EVALUATION else 'per step'}"
-                 f"), every size of prediction together.")
+                 f"The same pairs per algorithm "
+                 f"({'per evaluation interval' if scale.scale == EVALUATION else 'per step'}), every size of "
+                 f"prediction together.")
 
 
 def law_blocks(f: Findings) -> list[Block]:
@@ -529,8 +530,8 @@ def evaluation_cost_sentence(rows: list[dict]) -> Optional[str]:
     train_tokens = sum(r["train_tokens"] for r in rows)
     parts = ", ".join(f"{m} {eval_s[m]:.0f} s" for m in modes)
     diagnostics_s = sum(r["diagnostics_s"] for r in rows)
-    within = (f"; of training, the end-of-step diagnostics (covariance-law monitor and probe) took {diagnostics_s:.0f} s"
-              if np.isfinite(diagnostics_s) and diagnostics_s > 0 else "")
+    within = (f"; of training, the end-of-step diagnostics (covariance-law monitor and probe) took "
+              f"{diagnostics_s:.0f} s" if np.isfinite(diagnostics_s) and diagnostics_s > 0 else "")
     text = (f"Held-out evaluation took {total_s:.0f} s ({parts}) against {train_s:.0f} s of training "
             f"({total_s / train_s:.1%} of it), summed over the runs{within}")
     if np.isfinite(train_tokens) and train_tokens > 0:

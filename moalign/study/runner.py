@@ -13,12 +13,12 @@ Resuming is running the same command again. Each run is planned from what its di
     a checkpoint, no summary    -> resume from the checkpoint (``Trainer(cfg, run_dir, resume=True)``)
     anything else               -> start from scratch (the same call: without a checkpoint the trainer starts over)
 
-One ``moalign study`` at a time holds a study directory (``.moalign-study.lock``), and a run's directory is locked
-while it trains (``engine.run_dir.RunLock``). A resumed run reads its checkpoint without running code
-(``engine.checkpoint``). A run directory whose config.yaml differs from the study's config for it (apart from the run directory, threads and
-logging) stops the study before anything runs: continuing would mix two studies under one name. Finished runs are
-never touched. A run that fails is recorded (``error.txt`` in its directory, ``failed`` in runs.csv) and the study
-goes on; the failures are reported at the end.
+One ``moalign study`` at a time holds a study directory (``.moalign-study.lock``), and a run's directory is locked while
+it trains (``engine.run_dir.RunLock``). A resumed run reads its checkpoint without running code (``engine.checkpoint``).
+A run directory whose config.yaml differs from the study's config for it (apart from the run directory, threads and
+logging) stops the study before anything runs: continuing would mix two studies under one name. Finished runs are never
+touched. A run that fails is recorded (``error.txt`` in its directory, ``failed`` in runs.csv) and the study goes on;
+the failures are reported at the end.
 
 The training function is injectable (``train_fn``) so that the planning and resuming logic can be tested without a
 model; the default is ``train_run`` (the config's engine, native or TRL). Runs go one after another on this machine,
@@ -46,7 +46,7 @@ import yaml
 
 from moalign.config import TrainConfig
 from moalign.engine.checkpoint import latest_checkpoint
-from moalign.engine.run_dir import RunLock, write_atomically, write_config, write_summary
+from moalign.engine.run_dir import WARNINGS_FILE, RunLock, write_atomically, write_config, write_summary
 from moalign.errors import UserError
 from moalign.study.findings import SUMMARY_FILE, results_table
 from moalign.study.findings import load_study as load_finished_runs
@@ -84,9 +84,6 @@ def train_run(cfg: TrainConfig, run_dir: Path, resume: bool, on_step: Callable[[
         summary = trainer.run(lambda step, total, record: on_step(step))
         write_summary(run_dir, summary)
         return summary
-
-
-WARNINGS_FILE = "warnings.log"  # in a study, a run's warnings (listed in engine.run_dir.RUN_ENTRIES)
 
 
 def _warnings_log(run_dir: Path) -> Callable[[str], None]:
